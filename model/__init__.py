@@ -1,0 +1,1 @@
+"""The torch reference model: config, presets, the Llama-family decoder, weights, generation."""

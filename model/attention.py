@@ -1,0 +1,75 @@
+"""The fused attention operation: RoPE, static-cache write and masked GQA attention as one op.
+
+`llmexport::attention` is a torch custom op so that tracing keeps it as a single node; the
+exporter translates that node per target (standard ONNX ops, ONNX Runtime's
+GroupQueryAttention, a TensorRT plugin). Its eager body below is the reference math every
+translation is checked against.
+
+Shapes (letters used throughout):
+  B batch, S new tokens, T cache capacity (max_seq_len), Hq query heads, Hkv key/value heads,
+  D head_dim, G = Hq // Hkv query heads per key/value head.
+Inputs:
+  q (B, S, Hq*D), k and v (B, S, Hkv*D)  projections before RoPE
+  k_cache, v_cache (B, Hkv, T, D)         static cache, slots indexed by position
+  position_ids (B, S) int64              position (= cache slot) of each new token
+  seq_lens (B,) int64                    valid tokens per sequence after this step
+  cos, sin (T, D/2)                      rope tables in the model dtype
+Outputs: attention output (B, S, Hq*D) and the updated caches (new K/V written at
+position_ids; every other slot unchanged).
+A query at position p sees cache slots j with j <= p and, with a sliding window W > 0,
+p - j < W. The math is defined by positions alone: `seq_lens` only tells fused kernels how
+far each sequence's cache is valid. Padded query rows (position >= seq_len) still see their
+own slot, so they never turn into NaN that would leak into real rows through 0 * NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in the non-interleaved (rotate-half) layout. x (B, H, S, D); cos, sin (B, 1, S, D/2)."""
+    cos = torch.cat([cos, cos], dim=-1)
+    sin = torch.cat([sin, sin], dim=-1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@torch.library.custom_op("llmexport::attention", mutates_args=())
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+    position_ids: Tensor, seq_lens: Tensor, cos: Tensor, sin: Tensor,
+    scale: float, window: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    B, S, _ = q.shape
+    _, Hkv, T, D = k_cache.shape
+    Hq = q.shape[-1] // D
+    q = q.view(B, S, Hq, D).transpose(1, 2)  # (B, Hq, S, D)
+    k = k.view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v.view(B, S, Hkv, D).transpose(1, 2)
+    c, s = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)  # (B, 1, S, D/2)
+    q, k = rotate(q, c, s), rotate(k, c, s)
+
+    slots = position_ids[:, None, :, None].expand(B, Hkv, S, D)
+    k_cache = k_cache.scatter(2, slots, k)  # (B, Hkv, T, D)
+    v_cache = v_cache.scatter(2, slots, v)
+
+    j = torch.arange(T, device=q.device)
+    p = position_ids[:, :, None]  # (B, S, 1)
+    visible = j <= p  # (B, S, T)
+    if window > 0:
+        visible &= p - j < window
+    keys = k_cache.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, T, D)
+    values = v_cache.repeat_interleave(Hq // Hkv, dim=1)
+    scores = (q @ keys.transpose(2, 3) * scale).float()  # (B, Hq, S, T)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out = (probs @ values).transpose(1, 2).reshape(B, S, Hq * D)  # (B, S, Hq*D)
+    return out, k_cache, v_cache
+
+
+@attention.register_fake
+def _(q, k, v, k_cache, v_cache, position_ids, seq_lens, cos, sin, scale, window):
+    return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny Hugging Face checkpoints written by transformers itself (the oracle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny configs of each family, in the keys transformers' own config classes take.
+_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+HF_FAMILIES = {
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, rms_norm_eps=1e-5)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                                      rope_theta=1000000.0)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=8)),
+}
+
+
+def write_hf_checkpoint(family: str, out: Path, seed: int = 0) -> Path:
+    """Random weights saved by transformers' save_pretrained; returns the directory."""
+    import transformers
+
+    config_cls, model_cls, extra = HF_FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**_COMMON, **extra)
+    model = getattr(transformers, model_cls)(config).eval()
+    # Larger than the default init so logits are far from uniform and greedy choices are stable.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session", params=["llama2", "llama3", "qwen2"])
+def hf_checkpoint(request, tmp_path_factory) -> tuple[str, Path]:
+    """(family, directory) for each family the parity tests cover."""
+    family = request.param
+    return family, write_hf_checkpoint(family, tmp_path_factory.mktemp(family))
+
+
+@pytest.fixture(scope="session")
+def llama3_checkpoint(tmp_path_factory) -> Path:
+    return write_hf_checkpoint("llama3", tmp_path_factory.mktemp("llama3-single"))
+
+
+@pytest.fixture(scope="session")
+def make_hf_checkpoint(tmp_path_factory):
+    """write_hf_checkpoint into a fresh directory: make_hf_checkpoint("mistral")."""
+    return lambda family, seed=0: write_hf_checkpoint(family, tmp_path_factory.mktemp(family), seed)
