@@ -1,0 +1,57 @@
+"""onnx-side schemas for the ONNX Runtime contrib ops our `ort` graphs use.
+
+The onnx package knows only standard ops; graph building and `onnx.checker` need a schema for
+each contrib op. These mirror ONNX Runtime's ContribOperators.md (inputs, types, attributes).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx.defs import OpSchema
+
+MS_DOMAIN = "com.microsoft"
+_P, _A = OpSchema.FormalParameter, OpSchema.Attribute
+_OPT = OpSchema.FormalParameterOption.Optional
+_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+def _attrs(**kinds: OpSchema.AttrType) -> list:
+    return [_A(name, kind, "", required=False) for name, kind in kinds.items()]
+
+
+_INT, _FLOAT = OpSchema.AttrType.INT, OpSchema.AttrType.FLOAT
+_SCHEMAS = [
+    OpSchema(
+        "GroupQueryAttention", MS_DOMAIN, 1,
+        inputs=[_P("query", "T"), _P("key", "T", param_option=_OPT), _P("value", "T", param_option=_OPT),
+                _P("past_key", "T", param_option=_OPT), _P("past_value", "T", param_option=_OPT),
+                _P("seqlens_k", "M"), _P("total_sequence_length", "M"),
+                _P("cos_cache", "T", param_option=_OPT), _P("sin_cache", "T", param_option=_OPT)],
+        outputs=[_P("output", "T"), _P("present_key", "T"), _P("present_value", "T")],
+        type_constraints=[("T", _FLOATS, ""), ("M", ["tensor(int32)"], "")],
+        attributes=_attrs(num_heads=_INT, kv_num_heads=_INT, scale=_FLOAT, do_rotary=_INT,
+                          rotary_interleaved=_INT, local_window_size=_INT),
+    ),
+    # ORT registers SimplifiedLayerNormalization (RMSNorm) in the default domain.
+    OpSchema(
+        "SimplifiedLayerNormalization", "", 1,
+        inputs=[_P("X", "T"), _P("scale", "V")],
+        outputs=[_P("Y", "V"), _P("inv_std_var", "U", param_option=_OPT)],
+        type_constraints=[("T", _FLOATS, ""), ("U", ["tensor(float)"], ""), ("V", _FLOATS, "")],
+        attributes=_attrs(axis=_INT, epsilon=_FLOAT, stash_type=_INT),
+    ),
+    OpSchema(
+        "SkipSimplifiedLayerNormalization", MS_DOMAIN, 1,
+        inputs=[_P("input", "T"), _P("skip", "T"), _P("gamma", "T"), _P("bias", "T", param_option=_OPT)],
+        outputs=[_P("output", "T"), _P("mean", "U", param_option=_OPT), _P("inv_std_var", "U", param_option=_OPT),
+                 _P("input_skip_bias_sum", "T", param_option=_OPT)],
+        type_constraints=[("T", _FLOATS, ""), ("U", ["tensor(float)"], "")],
+        attributes=_attrs(epsilon=_FLOAT),
+    ),
+]
+
+
+def register_contrib_schemas() -> None:
+    for schema in _SCHEMAS:
+        if not onnx.defs.has(schema.name, schema.domain):
+            onnx.defs.register_schema(schema)

@@ -1,0 +1,203 @@
+"""`export_bundle`: model source -> prefill.onnx + decode.onnx + weights.bin + manifest.json.
+
+The chain: open the source -> trace both phases on `meta` -> stream the weights into one file
+-> point both graphs at it -> optimise per target -> save, check -> manifest -> rename into
+place. Host memory stays at a few tensors whatever the model size.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+from onnx_ir.passes import common as common_passes
+from onnxscript.optimizer._constant_folding import FoldConstantsPass
+from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, RewritePass
+from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+import llmexport
+from llmexport import LLMExportError
+from llmexport.model.config import ModelConfig, check_dtype
+from llmexport.model.weights import ModelSource, expected_shapes, open_source
+
+from . import io_names as io
+from .bundle import check_out_dir, io_spec, staging, write_manifest
+from .contrib_schemas import register_contrib_schemas
+from .targets import check_target
+from .trace import trace
+from .weights_file import attach_weights, fold_weight_transposes, write_weights
+
+IR_VERSION = 10  # ONNX Runtime 1.31 refuses IR 14, onnx 1.23's default
+DEFAULT_MAX_SEQ_LEN = 4096
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def resolve_max_seq_len(config: ModelConfig, max_seq_len: int | None) -> int:
+    limit = config.max_position_embeddings
+    if max_seq_len is None:
+        return min(limit, DEFAULT_MAX_SEQ_LEN)
+    if not 0 < max_seq_len <= limit:
+        raise LLMExportError(f"--max-seq-len {max_seq_len} is outside 1..{limit} (the model's "
+                             f"max_position_embeddings); pass a value in that range")
+    return max_seq_len
+
+
+def export_bundle(
+    model: str | Path | ModelSource,
+    out: str | Path,
+    *,
+    target: str = "ort",
+    dtype: str = "float32",
+    max_seq_len: int | None = None,
+    max_batch: int = 8,
+    force: bool = False,
+    seed: int = 0,
+    progress: Progress = _no_progress,
+) -> Path:
+    """Export `model` (preset name, checkpoint directory or ModelSource) as a bundle at `out`."""
+    started = time.perf_counter()
+    check_dtype(dtype)
+    check_target(target, dtype)
+    if max_batch < 1:
+        raise LLMExportError(f"--max-batch {max_batch} must be at least 1")
+    out = Path(out)
+    check_out_dir(out, force)
+    source = model if isinstance(model, ModelSource) else open_source(model, seed)
+    config = source.config
+    max_seq_len = resolve_max_seq_len(config, max_seq_len)
+
+    graphs = {}
+    for i, phase in enumerate((io.PREFILL, io.DECODE)):
+        progress("trace", i, 2)
+        graphs[phase] = _quiet(trace, config, dtype, max_seq_len, max_batch, phase, target)
+        fold_weight_transposes(graphs[phase])
+    progress("trace", 2, 2)
+    names = set(graphs[io.PREFILL].graph.initializers)
+    if names != set(graphs[io.DECODE].graph.initializers):
+        raise LLMExportError("internal: prefill and decode graphs disagree on their weights")
+
+    with staging(out, force) as tmp:
+        done = 0
+
+        def on_tensor(name: str) -> None:
+            nonlocal done
+            done += 1
+            progress("weights", done, len(names))
+
+        entries = write_weights(source, dtype, max_seq_len, names, tmp / io.WEIGHTS_FILE, on_tensor)
+        graph_files = {}
+        for phase, graph in graphs.items():
+            progress("optimize", 0, 1)
+            attach_weights(graph, entries, dtype, tmp)
+            graph = _optimize(graph, target)
+            _check_weights_kept(graph, names, phase)
+            graph.ir_version = IR_VERSION
+            path = tmp / f"{phase}.onnx"
+            ir.save(graph, path)
+            register_contrib_schemas()
+            onnx.checker.check_model(str(path), full_check=True)
+            graph_files[phase] = _graph_manifest(graph, path.name, config, target)
+        tokenizer = None
+        if source.tokenizer_file:
+            shutil.copy(source.tokenizer_file, tmp / "tokenizer.json")
+            tokenizer = "tokenizer.json"
+        write_manifest(tmp, {
+            "llmexport_version": llmexport.__version__,
+            "model": {"name": source.name, "config": config.to_dict(), "seed": None if source.checkpoint_dir else seed},
+            "dtype": dtype,
+            "target": target,
+            "limits": {"max_batch": max_batch, "max_seq_len": max_seq_len},
+            "bos_token_id": config.bos_token_id,
+            "eos_token_ids": list(config.eos_token_ids),
+            "tokenizer": tokenizer,
+            "cache": {
+                "layout": ["batch", "kv_heads", "max_seq_len", "head_dim"],
+                "shape": [io.BATCH, config.num_kv_heads, max_seq_len, config.head_dim],
+                "dtype": dtype, "num_layers": config.num_layers,
+                "in_place": target == "ort",
+            },
+            "weights": {"file": io.WEIGHTS_FILE, "bytes": (tmp / io.WEIGHTS_FILE).stat().st_size,
+                        "tensors": {n: e.to_dict() for n, e in sorted(entries.items())}},
+            "graphs": graph_files,
+            "engines": {},
+            "export": {"seconds": round(time.perf_counter() - started, 3), "torch": torch.__version__,
+                       "onnx": onnx.__version__, "opset": graphs[io.PREFILL].opset_imports.get("", None)},
+        })
+    progress("done", 1, 1)
+    return out
+
+
+def _graph_manifest(graph: ir.Model, file: str, config: ModelConfig, target: str) -> dict:
+    layers = range(config.num_layers)
+    return {
+        "file": file,
+        "inputs": io_spec(graph.graph.inputs),
+        "outputs": io_spec(graph.graph.outputs),
+        # Each present output is the same tensor as its past input: bind both to one buffer.
+        "aliases": {io.present_key(i): io.past_key(i) for i in layers} | {io.present_value(i): io.past_value(i)
+                                                                         for i in layers},
+        "ops": sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in graph.graph}),
+    }
+
+
+def _optimize(model: ir.Model, target: str) -> ir.Model:
+    """onnxscript's optimiser minus the passes that would touch weights (deduplicating equal
+    initializers, folding nodes that read them): the graphs must keep pointing at weights.bin.
+    The `ort` target also gets ONNX Runtime's fused RMSNorm ops (SimplifiedLayerNormalization,
+    SkipSimplifiedLayerNormalization)."""
+    weights = set(model.graph.initializers.values())
+
+    def should_fold(node: ir.Node) -> bool | None:
+        return False if any(v in weights for v in node.inputs) else None
+
+    cleanup = ir.passes.Sequential(
+        common_passes.InlinePass(),
+        ir.passes.PassManager([
+            FoldConstantsPass(shape_inference=True, input_size_limit=8192, output_size_limit=8192,
+                              should_fold=should_fold),
+            RewritePass(_DEFAULT_REWRITE_RULES),
+            common_passes.RemoveUnusedNodesPass(),
+        ], steps=2, early_stop=True),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.RemoveUnusedFunctionsPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+        common_passes.ClearMetadataAndDocStringPass(),  # torch's per-node stack traces
+    )
+    cleanup(model)
+    if target == "ort":
+        fuse_rms_normalization(model)
+        fuse_skip_rms_normalization(model)
+        cleanup(model)
+    return model
+
+
+def _check_weights_kept(graph: ir.Model, names: set[str], phase: str) -> None:
+    """Optimisation may lift small constants to initializers, never drop or copy a weight."""
+    inits = graph.graph.initializers
+    extra = [n for n in set(inits) - names if inits[n].const_value.size > 1024]
+    if not names <= set(inits) or extra:
+        raise LLMExportError(f"internal: optimising {phase} changed its weights "
+                             f"(lost {sorted(names - set(inits))[:3]}, added {extra[:3]})")
+
+
+def _quiet(fn, *args):
+    """torch.onnx logs registry warnings (torchvision ops, ...) that mean nothing to our users."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return fn(*args)
+    finally:
+        logger.setLevel(level)

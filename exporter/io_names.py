@@ -1,0 +1,46 @@
+"""Graph input/output names and named dims: the one place the ONNX export, the manifest,
+TensorRT profiles and the runtime take them from (names follow onnxruntime-genai's)."""
+
+INPUT_IDS = "input_ids"  # int64 (batch, sequence)
+POSITION_IDS = "position_ids"  # int64 (batch, sequence): the cache slot of each new token
+SEQ_LENS = "seq_lens"  # int64 (batch,): valid tokens per sequence after this step
+LOGITS = "logits"  # float32 (batch, vocab): last real token of each sequence
+
+BATCH = "batch"
+SEQUENCE = "sequence"
+
+PREFILL, DECODE = "prefill", "decode"
+WEIGHTS_FILE = "weights.bin"
+ROPE_COS, ROPE_SIN = "rope_cos", "rope_sin"  # (max_seq_len, head_dim / 2) in the model dtype
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def cache_inputs(num_layers: int) -> list[str]:
+    return [n for i in range(num_layers) for n in (past_key(i), past_value(i))]
+
+
+def cache_outputs(num_layers: int) -> list[str]:
+    return [n for i in range(num_layers) for n in (present_key(i), present_value(i))]
+
+
+def graph_inputs(num_layers: int) -> list[str]:
+    return [INPUT_IDS, POSITION_IDS, SEQ_LENS, *cache_inputs(num_layers)]
+
+
+def graph_outputs(num_layers: int) -> list[str]:
+    return [LOGITS, *cache_outputs(num_layers)]

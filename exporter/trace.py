@@ -1,0 +1,92 @@
+"""Trace the reference model on `meta` into one ONNX graph per phase (no weights touched).
+
+Both phases take the same inputs (io_names.graph_inputs) and return the last real token's
+logits plus the updated caches. Prefill has dynamic batch and sequence; decode has sequence
+fixed to 1, so for a given batch every shape is static (CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import onnx_ir as ir
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from llmexport import LLMExportError
+from llmexport.model.config import ModelConfig
+from llmexport.model.llama import LlamaModel
+from llmexport.model.weights import TORCH_DTYPES
+
+from . import io_names as io
+from .targets import translation_table
+
+OPSET = 21
+_PREFIX = "net."
+
+
+class _Phase(nn.Module):
+    """Flat tensors in, flat tensors out: what the graph's signature is."""
+
+    def __init__(self, net: LlamaModel):
+        super().__init__()
+        self.net = net
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, seq_lens: Tensor, *caches: Tensor):
+        last = seq_lens - 1 - position_ids[:, 0]  # (B,) index of the last real token in this step
+        logits, k, v = self.net(input_ids, position_ids, seq_lens, list(caches[0::2]), list(caches[1::2]), last)
+        return (logits, *(t for pair in zip(k, v) for t in pair))
+
+
+def trace(config: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, phase: str, target: str) -> ir.Model:
+    """The graph for `phase` with initializers named like the checkpoint (+ rope tables)."""
+    with torch.device("meta"):
+        net = LlamaModel(config, max_seq_len).to(TORCH_DTYPES[dtype]).eval()
+    # Examples of size >= 2 on every dynamic axis: a size-1 example gets specialised to 1.
+    batch, seq = 2, (1 if phase == io.DECODE else 2)
+    meta = dict(device="meta", dtype=torch.long)
+    args = (torch.zeros(batch, seq, **meta), torch.zeros(batch, seq, **meta), torch.zeros(batch, **meta))
+    cache_shape = (batch, config.num_kv_heads, max_seq_len, config.head_dim)
+    caches = tuple(torch.zeros(cache_shape, device="meta", dtype=TORCH_DTYPES[dtype]) for _ in range(2 * config.num_layers))
+    b = Dim(io.BATCH, min=1, max=max(max_batch, 2))
+    token_dims = {0: b} if phase == io.DECODE else {0: b, 1: Dim(io.SEQUENCE, min=1, max=max_seq_len)}
+    dynamic = {"input_ids": token_dims, "position_ids": token_dims, "seq_lens": {0: b},
+               "caches": tuple({0: b} for _ in caches)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Phase(net), args + caches, dynamo=True, optimize=False, verbose=False, opset_version=OPSET,
+            dynamic_shapes=dynamic, input_names=io.graph_inputs(config.num_layers),
+            output_names=io.graph_outputs(config.num_layers),
+            custom_translation_table=translation_table(target, config),
+        )
+    model = program.model
+    _rename_initializers(model, config)
+    _check_signature(model, config, phase)
+    return model
+
+
+def _rename_initializers(model: ir.Model, config: ModelConfig) -> None:
+    """Checkpoint names; with tied embeddings the trace keeps one tensor under either name."""
+    fixed = {"rope_cos": io.ROPE_COS, "rope_sin": io.ROPE_SIN}
+    if config.tie_word_embeddings:
+        fixed["lm_head.weight"] = "model.embed_tokens.weight"
+    for value in list(model.graph.initializers.values()):
+        name = value.name.removeprefix(_PREFIX)
+        value.name = fixed.get(name, name)
+    renamed = {v.name: v for v in model.graph.initializers.values()}
+    model.graph.initializers.clear()
+    model.graph.initializers.update(renamed)
+
+
+def _check_signature(model: ir.Model, config: ModelConfig, phase: str) -> None:
+    """The traced graph must have exactly the I/O names and dynamic dims the manifest promises."""
+    inputs = [v.name for v in model.graph.inputs]
+    outputs = [v.name for v in model.graph.outputs]
+    if inputs != io.graph_inputs(config.num_layers) or outputs != io.graph_outputs(config.num_layers):
+        raise LLMExportError(f"internal: traced {phase} graph has unexpected I/O {inputs} -> {outputs}")
+    ids = model.graph.inputs[0].shape
+    want_seq = 1 if phase == io.DECODE else io.SEQUENCE
+    if str(ids[0]) != io.BATCH or str(ids[1]) != str(want_seq):
+        raise LLMExportError(f"internal: {phase} input_ids traced as {ids}, expected [{io.BATCH}, {want_seq}]")

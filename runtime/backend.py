@@ -1,0 +1,43 @@
+"""The one interface every backend implements; the loop, sampling and stopping use only this.
+
+A backend loads a bundle's prefill and decode graphs, allocates every KV buffer once for
+`max_batch x max_seq_len` on its device, and runs one step on a contiguous range of cache rows
+(the sequences of one request, handed out by runtime.kv_slots.KVSlots).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from .bundle import Bundle
+
+
+class Backend(ABC):
+    name: str = "backend"
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+
+    @abstractmethod
+    def step(self, phase: str, input_ids: np.ndarray, position_ids: np.ndarray, seq_lens: np.ndarray,
+             rows: range) -> np.ndarray:
+        """Run `phase` ("prefill" or "decode") on cache rows `rows`.
+
+        input_ids, position_ids: int64 (B, S); seq_lens: int64 (B,) valid tokens per sequence after
+        this step; B == len(rows). Returns float32 logits (B, vocab) of each row's last real token.
+        """
+
+    @abstractmethod
+    def cache_addresses(self) -> list[int]:
+        """Device address of every KV buffer (tests check decode never reallocates or copies them)."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

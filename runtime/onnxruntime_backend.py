@@ -1,0 +1,165 @@
+"""ONNX Runtime backend (CPU and CUDA execution providers), numpy only.
+
+- Weights: weights.bin is read once (memory-mapped on CPU, copied once to the GPU on CUDA) and
+  handed to both sessions with `SessionOptions.add_initializer`, so prefill and decode share
+  one copy.
+- KV cache: one key and one value buffer per layer, `(max_batch, kv_heads, max_seq_len,
+  head_dim)`, allocated once. Every step binds each layer's past and present to the same
+  address (IO binding by pointer), so the `ort` target's GroupQueryAttention writes the new
+  rows in place. Bundles whose graphs are not in place (`portable`) get a second set of
+  buffers and alternate between the two; the manifest's `cache.in_place` says which.
+- CUDA: the decode step of each batch size is captured as a CUDA graph on first use and
+  replayed (`enable_cuda_graph`, run option `gpu_graph_id`); its inputs live at fixed device
+  addresses that are updated in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmexport import LLMExportError
+
+from .backend import Backend
+from .bundle import Bundle
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+PREFILL, DECODE = "prefill", "decode"
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise LLMExportError("onnxruntime is not installed; pip install onnxruntime (CPU) or onnxruntime-gpu") from None
+    return onnxruntime
+
+
+class OnnxRuntimeBackend(Backend):
+    def __init__(self, bundle: Bundle, device: str = "cpu", cuda_graph: bool = True):
+        super().__init__(bundle)
+        ort = _ort()
+        if bundle.dtype not in _NP_DTYPES:
+            raise LLMExportError(f"the ONNX Runtime backend runs float32 and float16 bundles, not {bundle.dtype}; "
+                                 f"re-export with --dtype float16")
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise LLMExportError("device cuda needs onnxruntime-gpu with a visible GPU; "
+                                 "pip install onnxruntime-gpu, or use --device cpu")
+        if device not in ("cpu", "cuda"):
+            raise LLMExportError(f"unknown device {device!r}; use cpu or cuda")
+        self.device = device
+        self.name = f"onnxruntime-{device}"
+        self._dtype = _NP_DTYPES[bundle.dtype]
+        self._weights = self._load_weights(ort)
+        self._graph = cuda_graph and device == "cuda"
+        self._sessions = {phase: self._session(ort, phase) for phase in (PREFILL, DECODE)}
+        layers = bundle.num_layers
+        sets = 1 if bundle.cache_in_place else 2
+        shape = bundle.cache_shape(bundle.max_batch)
+        # _caches[s][2*i] is layer i's key buffer of set s, [2*i+1] its value buffer.
+        self._caches = [[self._zeros(shape) for _ in range(2 * layers)] for _ in range(sets)]
+        self._current = 0
+        self._graph_inputs: dict[int, dict[str, object]] = {}
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _load_weights(self, ort) -> dict[str, object]:
+        path = self.bundle.weights_path
+        blob = np.memmap(path, dtype=np.uint8, mode="r")
+        weights = {}
+        for name, t in self.bundle.manifest["weights"]["tensors"].items():
+            array = np.frombuffer(blob, dtype=self._dtype, count=int(np.prod(t["shape"])), offset=t["offset"])
+            array = array.reshape(t["shape"])
+            if self.device == "cuda":
+                weights[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+            else:
+                weights[name] = ort.OrtValue.ortvalue_from_numpy(array)
+        self._blob = blob  # CPU OrtValues point into the mapping: keep it alive
+        return weights
+
+    def _session(self, ort, phase: str):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        for name, value in self._weights.items():
+            options.add_initializer(name, value)
+        if self.device == "cuda":
+            cuda = {"device_id": "0", "enable_cuda_graph": "1" if self._graph and phase == DECODE else "0"}
+            providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        path = self.bundle.graph_path(phase)
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LLMExportError(f"cannot load {path}: {first}; the file is corrupt, re-export the bundle") from None
+
+    def _zeros(self, shape):
+        if self.device == "cuda":
+            ort = _ort()
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._dtype, "cuda", 0)
+            value.update_inplace(np.zeros(shape, dtype=self._dtype))
+            return value
+        return np.zeros(shape, dtype=self._dtype)
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _address(self, buffer) -> int:
+        return buffer.data_ptr() if self.device == "cuda" else buffer.ctypes.data
+
+    def cache_addresses(self) -> list[int]:
+        return [self._address(b) for caches in self._caches for b in caches]
+
+    def _bind_caches(self, binding, rows: range) -> None:
+        names = [n for i in range(self.bundle.num_layers)
+                 for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
+        past = self._caches[self._current]
+        present = self._caches[(self._current + 1) % len(self._caches)]
+        shape = self.bundle.cache_shape(len(rows))
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(self._dtype).itemsize
+        for name, src, dst in zip(names, past, present):
+            out_name = name.replace("past_key_values", "present")
+            binding.bind_input(name, self.device, 0, self._dtype, shape, self._address(src) + rows.start * row_bytes)
+            binding.bind_output(out_name, self.device, 0, self._dtype, shape,
+                                self._address(dst) + rows.start * row_bytes)
+
+    def _bind_tokens(self, binding, phase, input_ids, position_ids, seq_lens) -> None:
+        feeds = {"input_ids": input_ids, "position_ids": position_ids, "seq_lens": seq_lens}
+        if not (self._graph and phase == DECODE):
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+            return
+        # A captured graph replays fixed addresses: keep one device buffer per input and batch size.
+        ort = _ort()
+        batch = input_ids.shape[0]
+        fixed = self._graph_inputs.setdefault(batch, {
+            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=np.int64), "cuda", 0)
+            for name, a in feeds.items()} | {
+            "logits": ort.OrtValue.ortvalue_from_shape_and_type((batch, self.bundle.vocab_size), np.float32, "cuda", 0)})
+        for name, array in feeds.items():
+            fixed[name].update_inplace(np.ascontiguousarray(array, dtype=np.int64))
+            binding.bind_ortvalue_input(name, fixed[name])
+        binding.bind_ortvalue_output("logits", fixed["logits"])  # bound first: output 0
+
+    def step(self, phase, input_ids, position_ids, seq_lens, rows):
+        ort = _ort()
+        session = self._sessions[phase]
+        binding = session.io_binding()
+        self._bind_tokens(binding, phase, input_ids, position_ids, seq_lens)
+        graph = self._graph and phase == DECODE
+        if not graph:
+            binding.bind_output("logits", "cpu")  # bound first: output 0
+        self._bind_caches(binding, rows)
+        options = ort.RunOptions()
+        if graph:
+            # One captured graph per (batch, rows, cache set): each has its own fixed addresses.
+            key = (len(rows) * self.bundle.max_batch + rows.start) * 2 + self._current
+            options.add_run_config_entry("gpu_graph_id", str(key + 1))
+        session.run_with_iobinding(binding, options)
+        if len(self._caches) == 2:
+            self._current = 1 - self._current
+        return binding.get_outputs()[0].numpy()  # logits only; the caches stay where they are
+
+    def close(self) -> None:
+        self._sessions.clear()
+        self._caches.clear()
+        self._weights.clear()
