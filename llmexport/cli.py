@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -54,6 +56,103 @@ def reference(
     out = reference_generate(net, [prompt], max_new_tokens, temperature=temperature, seed=seed,
                              eos_token_ids=net.config.eos_token_ids)
     print(json.dumps({"token_ids": out}))
+
+
+@app.command()
+def onnx(
+    model: str = typer.Option("tiny-llama", help="Preset name or Hugging Face checkpoint directory."),
+    out: Path = typer.Option(..., help="Bundle directory to create."),
+    target: str = typer.Option("ort", help="portable (standard ONNX ops) or ort (ONNX Runtime fused ops)."),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    max_seq_len: Optional[int] = typer.Option(None, help="KV cache capacity (default: min(model limit, 4096))."),
+    max_batch: int = typer.Option(8, help="Largest batch the runtime will run."),
+    seed: int = typer.Option(0, help="Seed of a preset's random weights."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Export prefill and decode ONNX graphs sharing one weight file, as a bundle."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from llmexport.exporter.export import export_bundle
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=not sys.stderr.isatty()) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task({"trace": "tracing graphs", "weights": "writing tensors",
+                                             "optimize": "optimising", "done": "done"}[stage], total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        path = export_bundle(model, out, target=target, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
+                             force=force, seed=seed, progress=progress)
+    console.print(f"bundle written to {path}")
+
+
+@app.command()
+def verify(
+    bundle: Path = typer.Option(..., help="Bundle directory."),
+    prompts: int = typer.Option(8, min=1, help="Random prompts to compare."),
+    decode_steps: int = typer.Option(16, min=0),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="ONNX Runtime device: cpu or cuda."),
+) -> None:
+    """Run the bundle's graphs in ONNX Runtime against the torch reference; non-zero exit past tolerance."""
+    from llmexport.exporter.verify import verify_bundle
+
+    report = verify_bundle(bundle, prompts=prompts, decode_steps=decode_steps, seed=seed, device=device)
+    table = Table(title=f"{report.bundle}: {report.target} {report.dtype}, {report.prompts} prompts, "
+                        f"{report.decode_steps} decode steps", box=None)
+    for column in ("output", "max abs", "relative", "top-1", "ok"):
+        table.add_column(column, no_wrap=True)
+    for r in report.rows:
+        table.add_row(r.output, f"{r.max_abs:.3g}", f"{r.relative:.3g}", "-" if r.top1 is None else f"{r.top1:.4f}",
+                      "yes" if r.ok else "NO")
+    console.print(table)
+    if not report.ok:
+        raise LLMExportError("verification failed: errors above the tolerance for " + report.dtype)
+
+
+@app.command()
+def generate(
+    bundle: Path = typer.Option(..., help="Bundle directory."),
+    prompt: list[str] = typer.Option([], help="Prompt text (repeat for a batch); needs the bundle's tokenizer."),
+    token_ids: list[str] = typer.Option([], help="Prompt as comma-separated token ids (repeat for a batch)."),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0),
+    repetition_penalty: float = typer.Option(1.0),
+    seed: int = typer.Option(0),
+    stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
+    ignore_eos: bool = typer.Option(False),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON result instead of streaming text."),
+) -> None:
+    """Generate from a bundle, streaming text as it is produced."""
+    from llmexport.runtime.sampling import SamplingParams
+    from llmexport.runtime.session import Session
+
+    prompts: list = [*prompt, *(_parse_ids(t) for t in token_ids)]
+    if not prompts:
+        raise LLMExportError("give a --prompt or --token-ids")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
+    with Session(bundle, backend=backend, device=device) as session:
+        if json_output:
+            print(json.dumps(session.generate(prompts, params).to_dict()))
+            return
+        result = {"token_ids": [[] for _ in prompts]}
+        for event in session.stream(prompts, params):
+            result["token_ids"][event.row].append(event.token_id)
+            if len(prompts) == 1 and session.tokenizer:
+                print(event.text, end="", flush=True)
+        if len(prompts) > 1 or not session.tokenizer:
+            for ids in result["token_ids"]:
+                print(" ".join(map(str, ids)))
+        else:
+            print()
 
 
 def _parse_ids(text: str) -> list[int]:

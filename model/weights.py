@@ -175,8 +175,12 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def load_model(model: str | Path | ModelSource, dtype: str = "float32", max_seq_len: int | None = None,
                seed: int = 0, device: str = "cpu") -> LlamaModel:
-    """Build the reference model on `meta`, then stream its weights in (converted to `dtype`)."""
-    source = model if isinstance(model, ModelSource) else open_source(model, seed)
+    """Build the reference model on `meta`, then stream its weights in (converted to `dtype`).
+
+    `model` is a preset name, a checkpoint directory, or any source with `config` and
+    `tensors(dtype)` (ModelSource, or runtime.torch_backend.BundleSource).
+    """
+    source = open_source(model, seed) if isinstance(model, (str, Path)) else model
     torch_dtype = TORCH_DTYPES[check_dtype(dtype)]
     with torch.device("meta"):
         net = LlamaModel(source.config, max_seq_len)

@@ -33,6 +33,10 @@ class Backend(ABC):
     def cache_addresses(self) -> list[int]:
         """Device address of every KV buffer (tests check decode never reallocates or copies them)."""
 
+    @abstractmethod
+    def cache_arrays(self, rows: range) -> list[np.ndarray]:
+        """Host copies of every layer's key and value buffer (in that order) for `rows`."""
+
     def close(self) -> None:
         pass
 

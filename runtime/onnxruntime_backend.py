@@ -109,6 +109,11 @@ class OnnxRuntimeBackend(Backend):
     def cache_addresses(self) -> list[int]:
         return [self._address(b) for caches in self._caches for b in caches]
 
+    def cache_arrays(self, rows: range) -> list[np.ndarray]:
+        current = self._caches[self._current]
+        hosts = [b.numpy() if self.device == "cuda" else b for b in current]
+        return [h[rows.start: rows.stop].copy() for h in hosts]
+
     def _bind_caches(self, binding, rows: range) -> None:
         names = [n for i in range(self.bundle.num_layers)
                  for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]

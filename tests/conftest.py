@@ -54,3 +54,41 @@ def llama3_checkpoint(tmp_path_factory) -> Path:
 def make_hf_checkpoint(tmp_path_factory):
     """write_hf_checkpoint into a fresh directory: make_hf_checkpoint("mistral")."""
     return lambda family, seed=0: write_hf_checkpoint(family, tmp_path_factory.mktemp(family), seed)
+
+
+WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 256)]
+
+
+def write_tokenizer(path: Path) -> Path:
+    """A word-level tokenizer over the tiny vocabulary: "w5 w17" <-> [5, 17]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundle_factory(tmp_path_factory):
+    """bundle_factory(family, target, dtype="float32", **export_kwargs) -> (bundle dir, checkpoint dir).
+
+    Bundles are exported from transformers-saved checkpoints (with a tokenizer.json) and cached
+    for the session, since several test files drive the same ones.
+    """
+    from llmexport.exporter.export import export_bundle
+
+    cache: dict = {}
+
+    def make(family: str, target: str, dtype: str = "float32", **kwargs):
+        key = (family, target, dtype, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            ckpt = write_hf_checkpoint(family, tmp_path_factory.mktemp(f"ckpt-{family}"))
+            write_tokenizer(ckpt / "tokenizer.json")
+            out = tmp_path_factory.mktemp("bundles") / f"{family}-{target}-{dtype}"
+            kwargs = {"max_seq_len": 64, "max_batch": 4} | kwargs
+            cache[key] = (export_bundle(ckpt, out, target=target, dtype=dtype, **kwargs), ckpt)
+        return cache[key]
+
+    return make

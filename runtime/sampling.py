@@ -1,0 +1,71 @@
+"""Sampling in numpy: greedy, temperature, top-k, top-p, repetition penalty, seeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmexport import LLMExportError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off (transformers' definition)
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
+    eos_token_ids: tuple[int, ...] | None = None  # None: the bundle's
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1"),
+            (self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)"),
+            (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 turns it off)"),
+            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
+            (self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1 is off)"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LLMExportError(message)
+
+
+@dataclass
+class Sampler:
+    params: SamplingParams
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+        """logits (B, V) float32, history: tokens seen per row -> next token ids (B,)."""
+        p = self.params
+        logits = logits.astype(np.float32, copy=True)
+        if p.repetition_penalty != 1.0:
+            for row, seen in enumerate(history):
+                ids = np.unique(np.asarray(seen, dtype=np.int64))
+                values = logits[row, ids]
+                logits[row, ids] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if p.temperature == 0:
+            return logits.argmax(-1)
+        logits /= p.temperature
+        if p.top_k:
+            kth = np.sort(logits, axis=-1)[:, -min(p.top_k, logits.shape[-1])][:, None]
+            logits[logits < kth] = -np.inf
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, axis=-1, kind="stable")
+            sorted_probs = np.take_along_axis(probs, order, -1)
+            before = np.cumsum(sorted_probs, -1) - sorted_probs  # mass of the more likely tokens
+            sorted_probs[before >= p.top_p] = 0  # keep the smallest prefix reaching top_p
+            probs = np.zeros_like(probs)
+            np.put_along_axis(probs, order, sorted_probs, -1)
+            probs /= probs.sum(-1, keepdims=True)
+        return np.array([self.rng.choice(probs.shape[-1], p=row) for row in probs])

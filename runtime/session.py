@@ -1,0 +1,187 @@
+"""The generation loop: prefill, then one decode step at a time, sampling and stopping.
+
+Nothing here knows which backend runs the graphs. Prompts of different lengths share one
+batch: they are right-padded to the longest, padding tokens take the positions after each
+row's last real token (so they land in slots the row overwrites later), and each row's
+logits are those of its own last real token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmexport import LLMExportError
+
+from .backend import Backend
+from .bundle import Bundle
+from .kv_slots import KVSlots
+from .sampling import Sampler, SamplingParams
+from .tokenizer import TextStream, Tokenizer
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+Prompt = str | Sequence[int]
+
+
+def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu") -> Backend:
+    """The named backend for `bundle`; heavy libraries are imported only for the one asked for."""
+    if backend == "onnxruntime":
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, device)
+    if backend == "torch":
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(bundle, device)
+    if backend == "tensorrt":
+        raise LLMExportError("the tensorrt backend is not available in this version; use --backend onnxruntime")
+    raise LLMExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    row: int  # which prompt of the request
+    token_id: int
+    text: str  # text delta ("" without a tokenizer, or while held back)
+    finish_reason: str | None  # set on a row's last event: eos, stop, length, max_seq_len
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[list[int]]
+    text: list[str]
+    finish_reason: list[str]
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason,
+                "timings": self.timings}
+
+
+class Session:
+    """A loaded bundle on one backend: `generate` for results, `stream` for tokens as they come."""
+
+    def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu"):
+        self.bundle = Bundle.open(bundle_dir)
+        self.tokenizer = Tokenizer(self.bundle.tokenizer_path) if self.bundle.tokenizer_path else None
+        self.backend = create_backend(self.bundle, backend, device)
+        self.slots = KVSlots(self.bundle.max_batch)
+        self.last_timings: dict = {}
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _encode(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        if isinstance(prompts, str) or (prompts and all(isinstance(t, (int, np.integer)) for t in prompts)):
+            prompts = [prompts]
+        if not prompts:
+            raise LLMExportError("no prompt given")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise LLMExportError("this bundle has no tokenizer; pass token ids (--token-ids) instead of text")
+                p = self.tokenizer.encode(p)
+            ids = [int(t) for t in p]
+            if not ids:
+                raise LLMExportError("empty prompt: give at least one token")
+            bad = [t for t in ids if not 0 <= t < self.bundle.vocab_size]
+            if bad:
+                raise LLMExportError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.bundle.vocab_size - 1})")
+            if len(ids) > self.bundle.max_seq_len:
+                raise LLMExportError(f"prompt of {len(ids)} tokens exceeds the bundle's max_seq_len="
+                                     f"{self.bundle.max_seq_len}; shorten it or re-export with a larger --max-seq-len")
+            out.append(ids)
+        if len(out) > self.bundle.max_batch:
+            raise LLMExportError(f"batch of {len(out)} prompts exceeds the bundle's max_batch={self.bundle.max_batch}; "
+                                 f"split the request or re-export with a larger --max-batch")
+        return out
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams = SamplingParams()) -> GenerationResult:
+        ids = self._encode(prompts)
+        result = GenerationResult([[] for _ in ids], ["" for _ in ids], ["" for _ in ids])
+        for event in self.stream(ids, params):
+            result.token_ids[event.row].append(event.token_id)
+            result.text[event.row] += event.text
+            if event.finish_reason:
+                result.finish_reason[event.row] = event.finish_reason
+        result.timings = self.last_timings
+        return result
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams = SamplingParams()) -> Iterator[TokenEvent]:
+        """Yield one TokenEvent per generated token of each row, in generation order."""
+        prompts = self._encode(prompts)
+        streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]  # validates stop vs tokenizer
+        eos = () if params.ignore_eos else (params.eos_token_ids if params.eos_token_ids is not None
+                                             else self.bundle.eos_token_ids)
+        rows = self.slots.allocate(len(prompts))
+        try:
+            yield from self._loop(prompts, params, streams, set(eos), rows)
+        finally:
+            self.slots.free(rows)
+
+    def _loop(self, prompts, params, streams, eos, rows) -> Iterator[TokenEvent]:
+        batch, limit = len(prompts), self.bundle.max_seq_len
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        width = int(lengths.max())
+        input_ids = np.zeros((batch, width), dtype=np.int64)
+        for row, p in enumerate(prompts):
+            input_ids[row, : len(p)] = p
+        positions = np.tile(np.arange(width, dtype=np.int64), (batch, 1))
+        sampler, history = Sampler(params), [list(p) for p in prompts]
+        done: list[str | None] = [None] * batch
+        produced = [0] * batch
+        started = time.perf_counter()
+        logits = self.backend.step("prefill", input_ids, positions, lengths.copy(), rows)
+        first_token = time.perf_counter()
+        decode_steps = 0
+        while True:
+            tokens = sampler(logits, history)
+            for row in range(batch):
+                if done[row]:
+                    continue
+                token = int(tokens[row])
+                history[row].append(token)
+                produced[row] += 1
+                text = streams[row].push(token)
+                if token in eos:
+                    done[row] = "eos"
+                elif streams[row].stopped:
+                    done[row] = "stop"
+                elif produced[row] >= params.max_new_tokens:
+                    done[row] = "length"
+                elif lengths[row] >= limit:  # no cache slot left to decode this token into
+                    done[row] = "max_seq_len"
+                if done[row]:
+                    text += streams[row].flush()
+                yield TokenEvent(row, token, text, done[row])
+            if all(done):
+                break
+            active = np.array([d is None for d in done])
+            # Finished rows re-write their own last slot with a dummy token: harmless, never read.
+            step_ids = np.where(active, tokens, 0)[:, None].astype(np.int64)
+            step_pos = np.where(active, lengths, lengths - 1)[:, None]
+            lengths = np.where(active, lengths + 1, lengths)
+            logits = self.backend.step("decode", step_ids, step_pos, lengths.copy(), rows)
+            decode_steps += 1
+        finished = time.perf_counter()
+        self.last_timings = {
+            "time_to_first_token_s": first_token - started,
+            "decode_steps": decode_steps,
+            "decode_s": finished - first_token,
+            "decode_ms_per_step": 1000 * (finished - first_token) / decode_steps if decode_steps else None,
+            "tokens_per_s": sum(produced) / (finished - started),
+            "backend": self.backend.name,
+        }

@@ -1,0 +1,86 @@
+"""The torch reference model as a backend, for comparison (imports torch; the ONNX Runtime path
+does not). Weights come from the bundle's own weights.bin, so it runs exactly the exported
+weights. Eager only: each step writes the updated rows back into preallocated buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from llmexport import LLMExportError
+
+from .backend import Backend
+from .bundle import Bundle
+
+_TRANSPOSED = ".T"  # see exporter/weights_file.py
+
+
+class BundleSource:
+    """A ModelSource-like view of a bundle's weights (what model.weights.load_model reads)."""
+
+    def __init__(self, bundle: Bundle):
+        from llmexport.model.config import ModelConfig
+
+        self.bundle = bundle
+        self.name = bundle.manifest["model"]["name"]
+        self.config = ModelConfig.from_dict(bundle.config)
+
+    def tensors(self, dtype: str) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+        import torch
+
+        from llmexport.model.weights import TORCH_DTYPES
+
+        blob = np.memmap(self.bundle.weights_path, dtype=np.uint8, mode="r")
+        stored = TORCH_DTYPES[self.bundle.dtype]
+        for name, t in self.bundle.manifest["weights"]["tensors"].items():
+            if name.startswith("rope_"):
+                continue  # recomputed by the model
+            raw = torch.from_numpy(np.array(blob[t["offset"]: t["offset"] + t["length"]]))
+            tensor = raw.view(stored).reshape(t["shape"])
+            if name.endswith(_TRANSPOSED):
+                name, tensor = name.removesuffix(_TRANSPOSED), tensor.t()
+            yield name, tensor.contiguous().to(TORCH_DTYPES[dtype])
+
+
+class TorchBackend(Backend):
+    def __init__(self, bundle: Bundle, device: str = "cpu", dtype: str | None = None):
+        """`dtype` overrides the bundle's compute dtype (verify runs the reference in float32)."""
+        super().__init__(bundle)
+        try:
+            import torch
+        except ImportError:
+            raise LLMExportError("the torch backend needs torch; pip install torch") from None
+        from llmexport.model.weights import TORCH_DTYPES, load_model
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise LLMExportError("device cuda needs a CUDA build of torch and a visible GPU; use --device cpu")
+        self.name = f"torch-{device}"
+        self._torch = torch
+        self.device = device
+        dtype = dtype or bundle.dtype
+        self.model = load_model(BundleSource(bundle), dtype=dtype, max_seq_len=bundle.max_seq_len, device=device)
+        shape = bundle.cache_shape(bundle.max_batch)
+        dtype = TORCH_DTYPES[dtype]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
+
+    def step(self, phase, input_ids, position_ids, seq_lens, rows):
+        torch = self._torch
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
+        ids, pos, lens = to(input_ids), to(position_ids), to(seq_lens)
+        k = [c[rows.start: rows.stop] for c in self.k]
+        v = [c[rows.start: rows.stop] for c in self.v]
+        with torch.no_grad():
+            logits, new_k, new_v = self.model(ids, pos, lens, k, v, logits_index=lens - 1 - pos[:, 0])
+            for dst, src in zip(k + v, new_k + new_v):
+                dst.copy_(src)
+        return logits.cpu().numpy()
+
+    def cache_addresses(self) -> list[int]:
+        return [t.data_ptr() for t in self.k + self.v]
+
+    def cache_arrays(self, rows: range) -> list[np.ndarray]:
+        pairs = [t for kv in zip(self.k, self.v) for t in kv]
+        return [t[rows.start: rows.stop].float().cpu().numpy() for t in pairs]

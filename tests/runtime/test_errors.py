@@ -1,0 +1,109 @@
+"""Bad bundles and bad requests: clear errors, and the session stays usable afterwards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from llmexport import LLMExportError
+from llmexport.runtime.sampling import SamplingParams
+from llmexport.runtime.session import Session
+
+OK = SamplingParams(max_new_tokens=3, ignore_eos=True)
+
+
+@pytest.fixture
+def broken_copy(bundle_factory, tmp_path):
+    def make():
+        bundle_dir, _ = bundle_factory("llama3", "ort")
+        return shutil.copytree(bundle_dir, tmp_path / "copy")
+    return make
+
+
+def test_missing_bundle(tmp_path):
+    with pytest.raises(LLMExportError, match="does not exist"):
+        Session(tmp_path / "nowhere")
+
+
+def test_missing_graph_file(broken_copy):
+    bundle = broken_copy()
+    (bundle / "decode.onnx").unlink()
+    with pytest.raises(LLMExportError, match="missing decode.onnx"):
+        Session(bundle)
+
+
+def test_corrupt_graph_file(broken_copy):
+    bundle = broken_copy()
+    (bundle / "prefill.onnx").write_bytes(b"not a protobuf" * 10)
+    with pytest.raises(LLMExportError, match="prefill.onnx.*corrupt"):
+        Session(bundle)
+
+
+def test_truncated_weights(broken_copy):
+    bundle = broken_copy()
+    data = (bundle / "weights.bin").read_bytes()
+    (bundle / "weights.bin").write_bytes(data[:1000])
+    with pytest.raises(LLMExportError, match="truncated"):
+        Session(bundle)
+
+
+def test_manifest_version_mismatch(broken_copy):
+    bundle = broken_copy()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
+    with pytest.raises(LLMExportError, match="format version 99"):
+        Session(bundle)
+
+
+def test_corrupt_manifest(broken_copy):
+    bundle = broken_copy()
+    (bundle / "manifest.json").write_text("{not json")
+    with pytest.raises(LLMExportError, match="cannot read"):
+        Session(bundle)
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([list(range(3, 70))], "exceeds the bundle's max_seq_len=64"),
+    ([[]], "empty prompt"),
+    ([[1]] * 5, "exceeds the bundle's max_batch=4"),
+    ([[1, 256]], r"outside the vocabulary \(0..255\)"),
+    ([[-1]], "outside the vocabulary"),
+])
+def test_bad_requests_leave_the_session_usable(bundle_factory, prompts, message):
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    with Session(bundle_dir) as session:
+        expected = session.generate([[5, 6, 7]], OK).token_ids
+        with pytest.raises(LLMExportError, match=message):
+            session.generate(prompts, OK)
+        assert session.slots.in_use == 0
+        assert session.generate([[5, 6, 7]], OK).token_ids == expected
+
+
+def test_abandoned_stream_frees_its_rows(bundle_factory):
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    with Session(bundle_dir) as session:
+        stream = session.stream([[5, 6, 7]] * 4, SamplingParams(max_new_tokens=10, ignore_eos=True))
+        next(stream)
+        stream.close()
+        assert session.slots.in_use == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1.0}, "temperature=-1.0 must be >= 0"),
+    ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
+    ({"top_k": -2}, "top_k=-2"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty=0.0"),
+])
+def test_invalid_sampling_parameters(kwargs, message):
+    with pytest.raises(LLMExportError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_backend(bundle_factory):
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    with pytest.raises(LLMExportError, match="unknown backend 'nope'"):
+        Session(bundle_dir, backend="nope")
