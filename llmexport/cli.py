@@ -155,6 +155,20 @@ def generate(
             print()
 
 
+capi = typer.Typer(help="The C API: libllmexport.so and llmexport.h.", no_args_is_help=True)
+app.add_typer(capi, name="capi")
+
+
+@capi.command("build")
+def capi_build(out: Path = typer.Option(..., help="Directory for include/llmexport.h and lib/libllmexport.so.")) -> None:
+    """Compile the C API library for this Python environment."""
+    from llmexport.runtime.capi import build_library
+
+    library = build_library(out)
+    console.print(f"built {library}\nheader {out / 'include' / 'llmexport.h'}\n"
+                  f"link with: -I{out}/include -L{out}/lib -lllmexport -Wl,-rpath,{out.resolve()}/lib")
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]

@@ -1,0 +1,238 @@
+"""The C API (runtime/llmexport.h): the marshalling layer and the builder of libllmexport.so.
+
+Mechanism: cffi's embedding mode. `build_library` compiles a shared library whose exported
+functions start CPython on first use and call `install`'s functions below, which marshal C
+arguments onto runtime.session.Session. The generation loop and KV buffers are the runtime's
+own. Why cffi: it is a maintained, documented way to export plain C symbols from Python with
+no hand-written CPython API code, the GIL is taken per call (so sessions in different threads
+are safe), and the header stays free of Python types.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import llmexport
+from llmexport import LLMExportError
+
+HEADER = Path(__file__).with_name("llmexport.h")
+MODULE = "_llmexport_capi"
+OK, INVALID_ARGUMENT, BUNDLE, LIMIT, INTERNAL = 0, 1, 2, 3, 4
+
+
+def declarations() -> str:
+    """The plain C declarations between the header's markers (what cffi reads)."""
+    text = HEADER.read_text()
+    start = text.index("/* BEGIN DECLARATIONS")
+    start = text.index("*/", start) + 2
+    return text[start: text.index("/* END DECLARATIONS */")]
+
+
+# -- the marshalling layer, run inside the embedded interpreter -------------------------------
+
+def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported symbol)
+    from llmexport.runtime.sampling import SamplingParams
+    from llmexport.runtime.session import BACKENDS, Session
+
+    sessions: dict[int, tuple[Session, threading.Lock]] = {}
+    ids = itertools.count(1)
+    local = threading.local()
+    version = ffi.new("char[]", llmexport.__version__.encode())
+    empty = ffi.new("char[]", b"")
+
+    def fail(code: int, message: str) -> int:
+        local.error = ffi.new("char[]", message.encode("utf-8", "replace"))
+        return code
+
+    def text(p, default: str | None = None) -> str | None:
+        return default if p == ffi.NULL else ffi.string(p).decode("utf-8")
+
+    def owned_string(s: str):
+        data = s.encode("utf-8", "replace") + b"\0"
+        buf = ffi.cast("char *", lib.malloc(len(data)))
+        ffi.memmove(buf, data, len(data))
+        return buf
+
+    def lookup(handle) -> tuple[Session, threading.Lock] | None:
+        return sessions.get(int(ffi.cast("uintptr_t", handle)))
+
+    def sampling(params) -> SamplingParams:
+        if params == ffi.NULL:
+            return SamplingParams()
+        if params.struct_size < ffi.sizeof("llmx_sampling"):
+            raise LLMExportError("llmx_sampling.struct_size is too small: initialise it with llmx_sampling_init")
+        return SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                              top_k=params.top_k, top_p=params.top_p,
+                              repetition_penalty=params.repetition_penalty, seed=params.seed,
+                              ignore_eos=bool(params.ignore_eos))
+
+    def guarded(fn):
+        """Exceptions become status codes; nothing escapes into C."""
+        def wrapper(*args):
+            local.error = empty
+            try:
+                return fn(*args)
+            except LLMExportError as e:
+                return fail(INVALID_ARGUMENT, str(e))
+            except Exception as e:  # a bug of ours: report it, never crash the host
+                return fail(INTERNAL, f"{type(e).__name__}: {e}")
+        wrapper.__name__ = fn.__name__
+        return ffi.def_extern(error=INTERNAL)(wrapper)
+
+    @ffi.def_extern()
+    def llmx_version():
+        return version
+
+    @ffi.def_extern()
+    def llmx_last_error():
+        return getattr(local, "error", empty)
+
+    @ffi.def_extern()
+    def llmx_sampling_init(params):
+        if params != ffi.NULL:
+            d = SamplingParams()
+            params.struct_size = ffi.sizeof("llmx_sampling")
+            params.max_new_tokens, params.temperature, params.top_k = d.max_new_tokens, d.temperature, d.top_k
+            params.top_p, params.repetition_penalty, params.seed = d.top_p, d.repetition_penalty, d.seed
+            params.ignore_eos = int(d.ignore_eos)
+
+    @ffi.def_extern()
+    def llmx_free_string(s):
+        if s != ffi.NULL:
+            lib.free(s)
+
+    @guarded
+    def llmx_open(bundle_dir, backend, device, out):
+        if out == ffi.NULL or bundle_dir == ffi.NULL:
+            return fail(INVALID_ARGUMENT, "llmx_open: bundle_dir and out must not be NULL")
+        out[0] = ffi.NULL
+        backend_name, device_name = text(backend, "onnxruntime"), text(device, "cpu")
+        if backend_name not in BACKENDS or device_name not in ("cpu", "cuda"):
+            return fail(INVALID_ARGUMENT, f"llmx_open: unknown backend {backend_name!r} or device {device_name!r}; "
+                                          f"backends: {', '.join(BACKENDS)}; devices: cpu, cuda")
+        try:
+            session = Session(text(bundle_dir), backend_name, device_name)
+        except LLMExportError as e:
+            return fail(BUNDLE, str(e))
+        handle = next(ids)
+        sessions[handle] = (session, threading.Lock())
+        out[0] = ffi.cast("llmx_session *", handle)
+        return OK
+
+    @guarded
+    def llmx_close(handle):
+        if handle == ffi.NULL:
+            return OK
+        key = int(ffi.cast("uintptr_t", handle))
+        if key not in sessions:
+            return fail(INVALID_ARGUMENT, "llmx_close: unknown or already closed session")
+        session, lock = sessions.pop(key)
+        with lock:
+            session.close()
+        return OK
+
+    def run(handle, prompt, params, callback, user_data):
+        """Shared by both generate functions: (status, token ids, finish reason, text)."""
+        entry = lookup(handle)
+        if entry is None:
+            return fail(INVALID_ARGUMENT, "unknown or closed session"), [], "", ""
+        session, lock = entry
+        sampler = sampling(params)
+        if len(prompt) > session.bundle.max_seq_len:
+            return fail(LIMIT, f"prompt of {len(prompt)} tokens exceeds the bundle's max_seq_len="
+                               f"{session.bundle.max_seq_len}"), [], "", ""
+        tokens, reason, pieces = [], "", []
+        with lock:
+            stream = session.stream([prompt], sampler)
+            try:
+                for event in stream:
+                    tokens.append(event.token_id)
+                    pieces.append(event.text)
+                    reason = event.finish_reason or reason
+                    if callback != ffi.NULL:
+                        delta = ffi.new("char[]", event.text.encode("utf-8", "replace"))
+                        if callback(event.token_id, delta, user_data) != 0:
+                            reason = "callback"
+                            break
+            finally:
+                stream.close()
+        return OK, tokens, reason, "".join(pieces)
+
+    @guarded
+    def llmx_generate(handle, prompt, prompt_len, params, callback, user_data, out_ids, out_capacity,
+                      out_len, finish_reason):
+        if prompt == ffi.NULL and prompt_len:
+            return fail(INVALID_ARGUMENT, "llmx_generate: prompt is NULL")
+        if out_ids == ffi.NULL and out_capacity:
+            return fail(INVALID_ARGUMENT, "llmx_generate: out_ids is NULL but out_capacity > 0")
+        status, tokens, reason, _ = run(handle, [prompt[i] for i in range(prompt_len)], params, callback, user_data)
+        if status != OK:
+            return status
+        for i, token in enumerate(tokens[:out_capacity]):
+            out_ids[i] = token
+        if out_len != ffi.NULL:
+            out_len[0] = len(tokens)
+        if finish_reason != ffi.NULL:
+            finish_reason[0] = owned_string(reason)
+        return OK
+
+    @guarded
+    def llmx_generate_text(handle, prompt, params, out_text):
+        if prompt == ffi.NULL or out_text == ffi.NULL:
+            return fail(INVALID_ARGUMENT, "llmx_generate_text: prompt and out_text must not be NULL")
+        out_text[0] = ffi.NULL
+        entry = lookup(handle)
+        if entry is None:
+            return fail(INVALID_ARGUMENT, "unknown or closed session")
+        if entry[0].tokenizer is None:
+            return fail(INVALID_ARGUMENT, "this bundle has no tokenizer: use llmx_generate with token ids")
+        status, _, _, result = run(handle, entry[0].tokenizer.encode(text(prompt)), params, ffi.NULL, ffi.NULL)
+        if status == OK:
+            out_text[0] = owned_string(result)
+        return status
+
+
+# -- the builder ---------------------------------------------------------------------------
+
+def build_library(out_dir: str | Path) -> Path:
+    """Compile `out_dir/lib/libllmexport.so` and copy the header to `out_dir/include/`."""
+    try:
+        import cffi
+    except ImportError:
+        raise LLMExportError('building the C API needs cffi: pip install "llmexport[capi]"') from None
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        raise LLMExportError(f"{sys.executable} was built without a shared libpython; the C API embeds "
+                             f"CPython and needs one (e.g. pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared)")
+    out = Path(out_dir).resolve()
+    (out / "include").mkdir(parents=True, exist_ok=True)
+    (out / "lib").mkdir(parents=True, exist_ok=True)
+    (out / "include" / HEADER.name).write_text(HEADER.read_text())
+    # The embedded interpreter must see this environment's packages (site dirs incl. .pth files).
+    site_dirs = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    builder = cffi.FFI()
+    builder.embedding_api(declarations())
+    builder.cdef("void *malloc(size_t); void free(void *);")
+    libdir = sysconfig.get_config_var("LIBDIR")
+    builder.set_source(MODULE, '#include "llmexport.h"\n#include <stdlib.h>\n', include_dirs=[str(HEADER.parent)],
+                       extra_link_args=[f"-Wl,-rpath,{libdir}", "-Wl,-soname,libllmexport.so"])
+    builder.embedding_init_code(
+        "import site\n"
+        f"for d in {site_dirs!r}:\n"
+        "    site.addsitedir(d)\n"
+        f"from {MODULE} import ffi, lib\n"
+        "from llmexport.runtime.capi import install\n"
+        "install(ffi, lib)\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            built = Path(builder.compile(tmpdir=tmp, target="libllmexport.*", verbose=False))
+        except Exception as e:
+            raise LLMExportError(f"compiling the C API failed ({e}); it needs a C compiler and Python headers") from None
+        target = out / "lib" / "libllmexport.so"
+        target.write_bytes(built.read_bytes())
+    return target

@@ -1,0 +1,99 @@
+/*
+ * llmexport C API: run llmexport bundles from C, C++, Rust, Go, ... services.
+ *
+ * The library (libllmexport.so, built by `llmexport capi build --out DIR`) embeds CPython
+ * and drives the package's own torch-free runtime (numpy + onnxruntime); this layer only
+ * marshals arguments. It is tied to the Python environment it was built from.
+ *
+ * Status codes: every function returning int returns LLMX_OK (0) on success and a
+ * non-zero LLMX_ERROR_* otherwise; llmx_last_error() then describes the failure. A failed
+ * call leaves the session usable. The process never aborts on bad input.
+ *
+ * Ownership: strings passed in are borrowed for the duration of the call. Strings returned
+ * by llmx_version() and llmx_last_error() are owned by the library (the latter valid until
+ * the calling thread's next llmx_* call). Strings returned through char ** out-parameters are
+ * owned by the caller and freed with llmx_free_string(). Text given to a callback is valid
+ * only during that callback.
+ *
+ * Threads: sessions are independent; use one session per thread, or serialise calls on a
+ * shared session yourself (concurrent calls on one session are serialised by an internal
+ * lock, so they are safe but not parallel). llmx_last_error() is per thread.
+ *
+ * ABI stability: within major version 0 of this header, functions and struct fields are only
+ * added at the end; llmx_sampling carries its own size so older callers keep working.
+ */
+#ifndef LLMEXPORT_H
+#define LLMEXPORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* BEGIN DECLARATIONS (also read by the cffi builder: plain C declarations only) */
+
+enum {
+    LLMX_OK = 0,
+    LLMX_ERROR_INVALID_ARGUMENT = 1, /* NULL pointer, bad sampling value, bad token id, ... */
+    LLMX_ERROR_BUNDLE = 2,           /* missing, corrupt or incompatible bundle */
+    LLMX_ERROR_LIMIT = 3,            /* prompt longer than max_seq_len, batch above max_batch */
+    LLMX_ERROR_INTERNAL = 4          /* anything else; see llmx_last_error() */
+};
+
+/* Opaque handle to an open bundle on one backend/device. */
+typedef struct llmx_session llmx_session;
+
+/* Called once per generated token. Return 0 to continue, non-zero to stop generating. */
+typedef int (*llmx_token_callback)(int32_t token_id, const char *text_delta, void *user_data);
+
+typedef struct {
+    size_t struct_size;          /* sizeof(llmx_sampling); set by llmx_sampling_init */
+    int32_t max_new_tokens;      /* >= 1 */
+    float temperature;           /* 0 = greedy */
+    int32_t top_k;               /* 0 = off */
+    float top_p;                 /* (0, 1], 1 = off */
+    float repetition_penalty;    /* > 0, 1 = off */
+    uint64_t seed;
+    int32_t ignore_eos;          /* non-zero: do not stop on the bundle's EOS ids */
+} llmx_sampling;
+
+/* Library version, e.g. "0.1.0". */
+const char *llmx_version(void);
+
+/* Fill *params with defaults: 64 new tokens, greedy, no top-k/top-p/penalty, seed 0. */
+void llmx_sampling_init(llmx_sampling *params);
+
+/* Open the bundle directory. backend: "onnxruntime" (NULL = default); device: "cpu" or
+ * "cuda" (NULL = "cpu"). On success *out is a new session; on failure *out is NULL. */
+int llmx_open(const char *bundle_dir, const char *backend, const char *device, llmx_session **out);
+
+/* Generate from prompt token ids. callback may be NULL. Up to out_capacity generated ids are
+ * written to out_ids (may be NULL when out_capacity is 0); *out_len (may be NULL) receives the
+ * number generated, which can exceed out_capacity. finish_reason (may be NULL) receives a
+ * caller-owned string: "eos", "stop", "length", "max_seq_len" or "callback". */
+int llmx_generate(llmx_session *session, const int32_t *prompt, size_t prompt_len,
+                  const llmx_sampling *params, llmx_token_callback callback, void *user_data,
+                  int32_t *out_ids, size_t out_capacity, size_t *out_len, char **finish_reason);
+
+/* Text in, text out (needs the bundle's tokenizer). *out_text is caller-owned. */
+int llmx_generate_text(llmx_session *session, const char *prompt, const llmx_sampling *params,
+                       char **out_text);
+
+/* Free a string the library returned through a char ** out-parameter. NULL is ignored. */
+void llmx_free_string(char *s);
+
+/* Close the session and release its buffers. NULL is ignored; closing twice is an error. */
+int llmx_close(llmx_session *session);
+
+/* Message of the calling thread's last failed call ("" if none). */
+const char *llmx_last_error(void);
+
+/* END DECLARATIONS */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LLMEXPORT_H */
