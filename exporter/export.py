@@ -97,8 +97,8 @@ def export_bundle(
 
         entries = write_weights(source, dtype, max_seq_len, names, tmp / io.WEIGHTS_FILE, on_tensor)
         graph_files = {}
-        for phase, graph in graphs.items():
-            progress("optimize", 0, 1)
+        for i, (phase, graph) in enumerate(graphs.items()):
+            progress("optimize", i, 2)
             attach_weights(graph, entries, dtype, tmp)
             graph = _optimize(graph, target)
             _check_weights_kept(graph, names, phase)
@@ -108,6 +108,7 @@ def export_bundle(
             register_contrib_schemas()
             onnx.checker.check_model(str(path), full_check=True)
             graph_files[phase] = _graph_manifest(graph, path.name, config, target)
+        progress("optimize", 2, 2)
         tokenizer = None
         if source.tokenizer_file:
             shutil.copy(source.tokenizer_file, tmp / "tokenizer.json")
@@ -134,7 +135,6 @@ def export_bundle(
             "export": {"seconds": round(time.perf_counter() - started, 3), "torch": torch.__version__,
                        "onnx": onnx.__version__, "opset": graphs[io.PREFILL].opset_imports.get("", None)},
         })
-    progress("done", 1, 1)
     return out
 
 

@@ -73,7 +73,7 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
     stats = {"logits (prefill)": _Stats("logits (prefill)", True),
              "logits (decode)": _Stats("logits (decode)", True),
              "present.*.key/value": _Stats("present.*.key/value", False)}
-    with OnnxRuntimeBackend(bundle, device) as onnx_side, TorchBackend(bundle, "cpu", "float32") as reference:
+    with OnnxRuntimeBackend(bundle, device, decode_graph=True) as onnx_side, TorchBackend(bundle, "cpu", "float32") as reference:
         for start in range(0, prompts, bundle.max_batch):
             batch = min(bundle.max_batch, prompts - start)
             lengths = rng.integers(1, longest + 1, batch)

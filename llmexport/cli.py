@@ -81,7 +81,7 @@ def onnx(
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task({"trace": "tracing graphs", "weights": "writing tensors",
-                                             "optimize": "optimising", "done": "done"}[stage], total=total)
+                                             "optimize": "optimising and checking"}[stage], total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
         path = export_bundle(model, out, target=target, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
@@ -153,6 +153,48 @@ def generate(
                 print(" ".join(map(str, ids)))
         else:
             print()
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("tiny-llama", help="Preset or checkpoint to export and measure."),
+    bundle: Optional[Path] = typer.Option(None, help="Measure an existing bundle instead of exporting one."),
+    dtype: str = typer.Option("float32"),
+    target: str = typer.Option("ort"),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    prompt_lens: str = typer.Option("128,512,2048", help="Prompt lengths for time to first token."),
+    batches: str = typer.Option("1,8,32", help="Batch sizes for decode latency."),
+    decode_context: int = typer.Option(128, help="Prompt length before the timed decode steps."),
+    warmup: int = typer.Option(2, min=0),
+    repeats: int = typer.Option(5, min=1),
+    out: Path = typer.Option(Path("benchmarks/results"), help="Directory for NAME.json, NAME.md, NAME.png."),
+    name: Optional[str] = typer.Option(None, help="Report file name (default: MODEL-DTYPE-DEVICE)."),
+    workdir: Path = typer.Option(Path("bench-work"), help="Where the exported bundle goes."),
+) -> None:
+    """Time every backend against eager torch on the same work, with the bandwidth roofline."""
+    from rich.status import Status
+
+    from llmexport.benchmarks.report import markdown, write_reports
+    from llmexport.benchmarks.suite import BenchConfig, run_benchmark
+
+    config = BenchConfig(model=model, dtype=dtype, target=target, device=device, prompt_lens=_ints(prompt_lens),
+                         batches=_ints(batches), decode_context=decode_context, warmup=warmup, repeats=repeats,
+                         bundle=str(bundle) if bundle else None, workdir=str(workdir))
+    with Status("benchmarking", console=Console(stderr=True)) as status:
+        result = run_benchmark(config, progress=lambda message: status.update(message))
+    paths = write_reports(result, out, name or f"{model}-{dtype}-{device}")
+    console.print(markdown(result))
+    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise LLMExportError(f"{text!r} is not a comma-separated list of positive integers")
+    return values
 
 
 capi = typer.Typer(help="The C API: libllmexport.so and llmexport.h.", no_args_is_help=True)

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from llmexport import LLMExportError
+
 from .bundle import Bundle
 
 
@@ -28,6 +30,14 @@ class Backend(ABC):
         input_ids, position_ids: int64 (B, S); seq_lens: int64 (B,) valid tokens per sequence after
         this step; B == len(rows). Returns float32 logits (B, vocab) of each row's last real token.
         """
+
+    def check_step(self, seq_lens: np.ndarray, rows: range) -> None:
+        """The request must fit the caches: a clear error instead of a kernel's."""
+        if rows.stop > self.bundle.max_batch or rows.start < 0:
+            raise LLMExportError(f"cache rows {rows.start}..{rows.stop - 1} are outside max_batch={self.bundle.max_batch}")
+        if len(seq_lens) and int(np.max(seq_lens)) > self.bundle.max_seq_len:
+            raise LLMExportError(f"sequence length {int(np.max(seq_lens))} exceeds the bundle's max_seq_len="
+                                 f"{self.bundle.max_seq_len}")
 
     @abstractmethod
     def cache_addresses(self) -> list[int]:

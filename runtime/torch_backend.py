@@ -67,6 +67,7 @@ class TorchBackend(Backend):
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
 
     def step(self, phase, input_ids, position_ids, seq_lens, rows):
+        self.check_step(seq_lens, rows)
         torch = self._torch
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
         ids, pos, lens = to(input_ids), to(position_ids), to(seq_lens)

@@ -31,7 +31,7 @@ def test_prefill_and_16_decode_steps_match_the_reference_fp32(bundle_factory, fa
     ids = rng.integers(0, 256, (3, 11))
     positions = np.tile(np.arange(11), (3, 1))
     cache = KVCache(reference.config, 3, 64)
-    with OnnxRuntimeBackend(Bundle.open(bundle_dir)) as backend, torch.no_grad():
+    with OnnxRuntimeBackend(Bundle.open(bundle_dir), decode_graph=True) as backend, torch.no_grad():
         got = backend.step("prefill", ids, positions, lengths, range(3))
         want, k, v = reference(torch.tensor(ids), torch.tensor(positions), torch.tensor(lengths), cache.k, cache.v,
                                logits_index=torch.tensor(lengths - 1))

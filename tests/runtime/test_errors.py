@@ -107,3 +107,28 @@ def test_unknown_backend(bundle_factory):
     bundle_dir, _ = bundle_factory("llama3", "ort")
     with pytest.raises(LLMExportError, match="unknown backend 'nope'"):
         Session(bundle_dir, backend="nope")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_backend_step_past_the_cache_is_a_clear_error(bundle_factory, backend):
+    import numpy as np
+
+    from llmexport.runtime.bundle import Bundle
+    from llmexport.runtime.session import create_backend
+
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    with create_backend(Bundle.open(bundle_dir), backend) as b:
+        with pytest.raises(LLMExportError, match="sequence length 65 exceeds the bundle's max_seq_len=64"):
+            b.step("decode", np.zeros((1, 1), np.int64), np.array([[64]]), np.array([65]), range(1))
+        with pytest.raises(LLMExportError, match="outside max_batch=4"):
+            b.step("decode", np.zeros((1, 1), np.int64), np.array([[1]]), np.array([2]), range(4, 5))
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "unknown device 'tpu'"),
+    ("cuda", "no float32 kernel"),  # checked before looking for a GPU: true on every machine
+])
+def test_device_errors_name_the_fix(bundle_factory, device, message):
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    with pytest.raises(LLMExportError, match=message):
+        Session(bundle_dir, device=device)

@@ -41,6 +41,23 @@ def test_greedy_equals_reference_and_transformers_alone_and_batched(bundle_facto
             assert reference_generate(reference, [prompt], 24) == [expected]
 
 
+def test_decode_graph_and_shared_cpu_session_agree(bundle_factory):
+    from llmexport.runtime.bundle import Bundle
+    from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    ids, positions = np.array([[5, 6, 7]]), np.array([[0, 1, 2]])
+    outputs = []
+    for decode_graph in (True, False):
+        with OnnxRuntimeBackend(Bundle.open(bundle_dir), decode_graph=decode_graph) as backend:
+            assert (backend._sessions["decode"] is backend._sessions["prefill"]) != decode_graph
+            logits = [backend.step("prefill", ids, positions, np.array([3]), range(1))]
+            for n in range(3, 8):
+                logits.append(backend.step("decode", np.array([[n]]), np.array([[n]]), np.array([n + 1]), range(1)))
+            outputs.append(np.stack(logits))
+    assert np.abs(outputs[0] - outputs[1]).max() < 1e-5
+
+
 def test_seeded_sampling_is_reproducible(bundle_factory):
     bundle_dir, _ = bundle_factory("llama3", "ort")
     params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.2,

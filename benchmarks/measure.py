@@ -1,0 +1,85 @@
+"""Measuring helpers: timing with warm-ups and medians, memory, the device's read bandwidth."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timed(fn: Callable[[], None], sync: Callable[[], None], warmup: int, repeats: int) -> Timing:
+    """Run fn warmup + repeats times; each repeat synchronises the device before stopping the clock."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    return Timing(statistics.median(samples), min(samples), max(samples), repeats)
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def host_read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s of a streaming read of a buffer far larger than the caches, by every core at once.
+
+    numpy releases the GIL in reductions; one thread alone cannot saturate memory. `max` is the
+    reduction with the least arithmetic per byte (here: 31.8 GB/s, like a torch GEMV's 31.5,
+    where `sum` stopped at 17 GB/s on its additions)."""
+    threads = len(os.sched_getaffinity(0))
+    data = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    chunks = np.array_split(data, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        def read_all() -> None:
+            list(pool.map(np.max, chunks))
+
+        read_all()
+        best = min(_seconds(read_all) for _ in range(repeats))
+    return data.nbytes / best
+
+
+def cuda_read_bandwidth(megabytes: int = 2048, repeats: int = 10) -> float:
+    """Bytes/s of a streaming read on the GPU (torch reduction over a large fp16 tensor)."""
+    import torch
+
+    data = torch.ones(megabytes * 2**20 // 2, dtype=torch.float16, device="cuda")
+    data.sum()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(repeats):
+        start.record()
+        data.sum()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    return data.numel() * 2 / best
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

@@ -1,0 +1,198 @@
+"""`run_benchmark`: the same work on every backend in one process, with a roofline.
+
+Work: time to first token for each prompt length at batch 1, then per-step decode latency
+for each batch size after a prompt of `decode_context` tokens. Roofline for a decode step:
+(weight bytes + KV bytes read) / this device's measured read bandwidth; each backend's
+fraction is floor / measured.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import llmexport
+from llmexport import LLMExportError
+
+from .measure import cuda_read_bandwidth, host_read_bandwidth, rss_bytes, timed
+from .runners import BundleRunner, MissingRunner, TransformersEagerRunner, Unavailable
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "tiny-llama"
+    dtype: str = "float32"
+    target: str = "ort"
+    device: str = "cpu"
+    prompt_lens: tuple[int, ...] = (128, 512, 2048)
+    batches: tuple[int, ...] = (1, 8, 32)
+    decode_context: int = 128
+    warmup: int = 2
+    repeats: int = 5
+    seed: int = 0
+    bundle: str | None = None  # an existing bundle; otherwise one is exported into workdir
+    workdir: str = "bench-work"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(max(self.prompt_lens), self.decode_context + self.warmup + self.repeats) + 1
+
+
+def _export(config: BenchConfig, progress: Progress) -> tuple[Path, dict]:
+    """Export in a child process so its wall time and peak RSS are its own."""
+    from llmexport.model.weights import open_source
+
+    if config.bundle:
+        manifest = json.loads((Path(config.bundle) / "manifest.json").read_text())
+        return Path(config.bundle), {"export_s": manifest["export"]["seconds"], "export_peak_rss_bytes": None,
+                                     "note": "existing bundle: export time from its manifest"}
+    limit = open_source(config.model).config.max_position_embeddings
+    if config.max_seq_len > limit:
+        raise LLMExportError(f"the benchmark needs max_seq_len {config.max_seq_len} but {config.model} allows {limit}; "
+                             f"pass smaller --prompt-lens / --decode-context")
+    out = Path(config.workdir) / f"{Path(config.model).name}-{config.target}-{config.dtype}"
+    progress(f"exporting {config.model} ({config.dtype}, {config.target})")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", "from llmexport.cli import main; main()", "onnx", "--model",
+                           config.model, "--out", str(out), "--dtype", config.dtype, "--target", config.target,
+                           "--seed", str(config.seed), "--max-seq-len", str(config.max_seq_len), "--max-batch",
+                           str(max(config.batches)), "--force"], capture_output=True, text=True)
+    if done.returncode:
+        raise LLMExportError(f"exporting the benchmark bundle failed: {done.stderr.strip().splitlines()[-1]}")
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return out, {"export_s": seconds, "export_peak_rss_bytes": peak}
+
+
+def _runners(config: BenchConfig, bundle: Path) -> list:
+    """Every backend, each on the bundle's own weights so all run exactly the same model."""
+    from llmexport.runtime.bundle import Bundle
+    from llmexport.runtime.torch_backend import BundleSource
+
+    gpu = config.device == "cuda"
+    graph_reason = "the torch backend has no CUDA-graph mode yet"
+    return [
+        TransformersEagerRunner(BundleSource(Bundle.open(bundle)), config.dtype, config.device),
+        BundleRunner(f"torch-static ({config.device})", bundle, "torch", config.device),
+        MissingRunner("torch-static + CUDA graph", graph_reason if gpu else "needs a GPU"),
+        BundleRunner("onnxruntime-cpu", bundle, "onnxruntime", "cpu"),
+        BundleRunner("onnxruntime-cuda + CUDA graph", bundle, "onnxruntime", "cuda") if gpu
+        else MissingRunner("onnxruntime-cuda + CUDA graph", "needs a GPU"),
+        MissingRunner("tensorrt", "TensorRT is not installed (and no TensorRT backend in this version)"),
+    ]
+
+
+def _measure(runner, config: BenchConfig, vocab: int, progress: Progress) -> dict:
+    rng = np.random.default_rng(config.seed)
+    runner.check()
+    before = rss_bytes()
+    start = time.perf_counter()
+    runner.load()
+    result = {"backend": runner.name, "status": "ok", "load_s": time.perf_counter() - start, "ttft": {}, "decode": {}}
+    for length in config.prompt_lens:
+        progress(f"{runner.name}: prefill {length} tokens")
+        ids = rng.integers(0, vocab, (1, length))
+        result["ttft"][str(length)] = timed(lambda: runner.prefill(ids), runner.sync, config.warmup,
+                                            config.repeats).to_dict()
+    for batch in config.batches:
+        progress(f"{runner.name}: decode at batch {batch}")
+        runner.prefill(rng.integers(0, vocab, (batch, config.decode_context)))
+        t = timed(runner.decode_step, runner.sync, config.warmup, config.repeats)
+        result["decode"][str(batch)] = t.to_dict() | {"tokens_per_s": batch / t.median_s}
+    result["host_rss_growth_bytes"] = max(rss_bytes() - before, 0)
+    result["peak_device_bytes"] = _device_peak(config.device, result["host_rss_growth_bytes"])
+    return result
+
+
+def _device_peak(device: str, host_growth: int) -> int:
+    if device == "cuda":
+        import torch
+
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return peak
+    return host_growth  # on CPU the device memory is the host's
+
+
+def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None) -> dict:
+    from llmexport.model.config import ModelConfig
+    from llmexport.runtime.bundle import Bundle
+
+    progress("measuring memory read bandwidth")
+    bandwidth = cuda_read_bandwidth() if config.device == "cuda" else host_read_bandwidth()
+    bundle_dir, export = _export(config, progress)
+    bundle = Bundle.open(bundle_dir)
+    mc = ModelConfig.from_dict(bundle.config)
+    weight_bytes = mc.weight_bytes(config.dtype)
+    results = []
+    for runner in _runners(config, bundle_dir):
+        try:
+            results.append(_measure(runner, config, bundle.vocab_size, progress))
+        except Unavailable as e:
+            results.append({"backend": runner.name, "status": "skipped", "reason": str(e)})
+        finally:
+            runner.close()
+    roofline = {}
+    for batch in config.batches:
+        context = config.decode_context + config.warmup + config.repeats // 2  # the median step's cache
+        kv = mc.kv_cache_bytes(batch, context, config.dtype)
+        roofline[str(batch)] = {"bytes_read": weight_bytes + kv, "floor_s": (weight_bytes + kv) / bandwidth}
+    for r in results:
+        for batch, d in r.get("decode", {}).items():
+            d["fraction_of_floor"] = roofline[batch]["floor_s"] / d["median_s"]
+            d["achieved_bytes_per_s"] = roofline[batch]["bytes_read"] / d["median_s"]
+    return {
+        "schema": "llmexport-bench/1",
+        "command": " ".join(sys.argv),
+        "config": {k: v for k, v in config.__dict__.items() if k != "extra"},
+        "hardware": _hardware(config.device),
+        "versions": _versions(),
+        "read_bandwidth_bytes_per_s": bandwidth,
+        "weight_bytes": weight_bytes,
+        "bundle": {"path": str(bundle_dir), **export},
+        "roofline": roofline,
+        "results": results,
+    }
+
+
+def _hardware(device: str) -> dict:
+    info = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpus": _cpu_count(), "memory_bytes": _memory_bytes(), "device": device}
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def _memory_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return int(f.readline().split()[1]) * 1024
+
+
+def _versions() -> dict:
+    versions = {"llmexport": llmexport.__version__, "python": platform.python_version()}
+    for name in ("torch", "onnxruntime", "onnx", "transformers", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return versions

@@ -1,0 +1,59 @@
+"""Smoke run of the benchmark suite on a tiny preset: the report's shape, never its timings."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+
+def _positive_numbers(node, path="") -> list[str]:
+    """Paths of every number in the tree that is not a finite positive value."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _positive_numbers(v, f"{path}.{k}")]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _positive_numbers(v, f"{path}[{i}]")]
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return [] if math.isfinite(node) and node > 0 else [path]
+    return []
+
+
+def test_bench_smoke_run_writes_a_complete_report(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", "from llmexport.cli import main; main()", "bench", "--model", "tiny-llama",
+         "--prompt-lens", "8,16", "--batches", "1,2", "--decode-context", "8", "--warmup", "1", "--repeats", "2",
+         "--out", str(tmp_path / "results"), "--name", "smoke", "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "results" / "smoke.json").read_text())
+    assert result["schema"] == "llmexport-bench/1"
+    assert {"command", "config", "hardware", "versions", "read_bandwidth_bytes_per_s", "weight_bytes", "bundle",
+            "roofline", "results"} <= set(result)
+    ran = {r["backend"]: r for r in result["results"] if r["status"] == "ok"}
+    assert {"torch-eager (transformers)", "torch-static (cpu)", "onnxruntime-cpu"} <= set(ran)
+    skipped = {r["backend"]: r["reason"] for r in result["results"] if r["status"] == "skipped"}
+    assert skipped["onnxruntime-cuda + CUDA graph"] == "needs a GPU" and "tensorrt" in skipped
+    for r in ran.values():
+        assert set(r["ttft"]) == {"8", "16"} and set(r["decode"]) == {"1", "2"}
+        assert {"median_s", "min_s", "max_s", "tokens_per_s", "fraction_of_floor"} <= set(r["decode"]["1"])
+    numbers = {k: result[k] for k in ("read_bandwidth_bytes_per_s", "weight_bytes", "roofline")}
+    # Timings and sizes must be positive; memory growth may honestly be 0 on CPU.
+    memory = ("host_rss_growth_bytes", "peak_device_bytes")
+    numbers["results"] = [{k: v for k, v in r.items() if k not in memory} for r in ran.values()]
+    assert _positive_numbers(numbers) == []
+    assert all(isinstance(r[k], int) and r[k] >= 0 for r in ran.values() for k in memory)
+    assert result["bundle"]["export_s"] > 0 and result["bundle"]["export_peak_rss_bytes"] > 0
+    markdown = (tmp_path / "results" / "smoke.md").read_text()
+    assert "fraction of floor" in markdown and "onnxruntime-cpu" in markdown
+    assert (tmp_path / "results" / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prompt_longer_than_the_model_allows_is_a_clear_error(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", "from llmexport.cli import main; main()", "bench", "--model", "tiny-llama",
+         "--prompt-lens", "2048", "--out", str(tmp_path), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("error: the benchmark needs max_seq_len 2049 but tiny-llama allows 256; "
+                                  "pass smaller --prompt-lens / --decode-context")
