@@ -1,7 +1,8 @@
-"""onnx-side schemas for the ONNX Runtime contrib ops our `ort` graphs use.
+"""onnx-side schemas for the non-standard ops our graphs use.
 
 The onnx package knows only standard ops; graph building and `onnx.checker` need a schema for
-each contrib op. These mirror ONNX Runtime's ContribOperators.md (inputs, types, attributes).
+each other op. The ONNX Runtime contrib ops mirror its ContribOperators.md (inputs, types,
+attributes); `llmexport::LlmexportAttention` is our fused attention (a local function).
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ _SCHEMAS = [
         outputs=[_P("Y", "V"), _P("inv_std_var", "U", param_option=_OPT)],
         type_constraints=[("T", _FLOATS, ""), ("U", ["tensor(float)"], ""), ("V", _FLOATS, "")],
         attributes=_attrs(axis=_INT, epsilon=_FLOAT, stash_type=_INT),
+    ),
+    # Our own fused attention (exporter/attention_function.py): a local function in the graphs.
+    OpSchema(
+        "LlmexportAttention", "llmexport", 1,
+        inputs=[_P(n, "M" if n in ("position_ids", "seq_lens") else "T")
+                for n in ("q", "k", "v", "k_cache", "v_cache", "position_ids", "seq_lens", "cos", "sin")],
+        outputs=[_P("out", "T"), _P("k_cache_out", "T"), _P("v_cache_out", "T")],
+        type_constraints=[("T", _FLOATS, ""), ("M", ["tensor(int64)"], "")],
+        attributes=_attrs(num_heads=_INT, num_kv_heads=_INT, head_dim=_INT, scale=_FLOAT, window=_INT),
     ),
     OpSchema(
         "SkipSimplifiedLayerNormalization", MS_DOMAIN, 1,

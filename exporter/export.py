@@ -27,6 +27,7 @@ from llmexport import LLMExportError
 from llmexport.model.config import ModelConfig, check_dtype
 from llmexport.model.weights import ModelSource, expected_shapes, open_source
 
+from . import attention_function
 from . import io_names as io
 from .bundle import check_out_dir, io_spec, staging, write_manifest
 from .contrib_schemas import register_contrib_schemas
@@ -82,6 +83,8 @@ def export_bundle(
         progress("trace", i, 2)
         graphs[phase] = _quiet(trace, config, dtype, max_seq_len, max_batch, phase, target)
         fold_weight_transposes(graphs[phase])
+        if target != "ort":
+            attention_function.add_to(graphs[phase])
     progress("trace", 2, 2)
     names = set(graphs[io.PREFILL].graph.initializers)
     if names != set(graphs[io.DECODE].graph.initializers):
@@ -161,8 +164,10 @@ def _optimize(model: ir.Model, target: str) -> ir.Model:
     def should_fold(node: ir.Node) -> bool | None:
         return False if any(v in weights for v in node.inputs) else None
 
+    # portable inlines the attention function into plain ops; tensorrt keeps it for the plugin.
+    inline = [common_passes.InlinePass()] if target != "tensorrt" else []
     cleanup = ir.passes.Sequential(
-        common_passes.InlinePass(),
+        *inline,
         ir.passes.PassManager([
             FoldConstantsPass(shape_inference=True, input_size_limit=8192, output_size_limit=8192,
                               should_fold=should_fold),

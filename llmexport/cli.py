@@ -156,6 +156,25 @@ def generate(
 
 
 @app.command()
+def build(
+    bundle: Path = typer.Option(..., help="Bundle directory."),
+    backend: str = typer.Option("tensorrt", help="Engine to build: tensorrt."),
+    optimization_level: int = typer.Option(3, help="TensorRT builder optimisation level, 0..5."),
+    workspace_gib: int = typer.Option(8, min=1),
+    plugin_library: Optional[Path] = typer.Option(None, help="Shared library with the LlmexportAttention plugin."),
+) -> None:
+    """Build an engine from a bundle's graphs and record it in its manifest (TensorRT: untested)."""
+    if backend != "tensorrt":
+        raise LLMExportError(f"build --backend {backend} is not available: onnxruntime needs no build step (it "
+                             f"optimises the graphs when a session loads them); use --backend tensorrt")
+    from llmexport.exporter.tensorrt_build import build_tensorrt
+
+    path = build_tensorrt(bundle, optimization_level=optimization_level, workspace_gib=workspace_gib,
+                          plugin_library=plugin_library)
+    console.print(f"engine written to {path}")
+
+
+@app.command()
 def bench(
     model: str = typer.Option("tiny-llama", help="Preset or checkpoint to export and measure."),
     bundle: Optional[Path] = typer.Option(None, help="Measure an existing bundle instead of exporting one."),

@@ -38,7 +38,9 @@ def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "
 
         return TorchBackend(bundle, device)
     if backend == "tensorrt":
-        raise LLMExportError("the tensorrt backend is not available in this version; use --backend onnxruntime")
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(bundle, device)
     raise LLMExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -18,7 +18,7 @@ from llmexport.runtime.bundle import Bundle
 from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 FAMILIES = ["llama2", "llama3", "qwen2"]
-TARGETS = ["portable", "ort"]
+TARGETS = ["portable", "ort", "tensorrt"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -75,6 +75,37 @@ def test_portable_graphs_use_only_standard_ops(bundle_factory, family):
     bundle_dir, _ = bundle_factory(family, "portable")
     for phase in (io.PREFILL, io.DECODE):
         assert {domain for domain, _ in _ops(bundle_dir / f"{phase}.onnx")} == {"ai.onnx"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensorrt_graphs_have_one_plugin_node_per_layer_and_only_parser_ops(bundle_factory, family):
+    from llmexport.exporter import attention_function as fn
+    from llmexport.exporter.tensorrt_ops import SUPPORTED
+
+    bundle_dir, ckpt = bundle_factory(family, "tensorrt")
+    config = load_model(ckpt).config
+    for phase in (io.PREFILL, io.DECODE):
+        model = onnx.load(bundle_dir / f"{phase}.onnx", load_external_data=False)
+        plugins = [n for n in model.graph.node if (n.domain, n.op_type) == (fn.DOMAIN, fn.NAME)]
+        assert len(plugins) == config.num_layers
+        fields = {a.name: onnx.helper.get_attribute_value(a) for a in plugins[0].attribute}
+        assert fields == {"num_heads": 4, "num_kv_heads": config.num_kv_heads, "head_dim": 16,
+                          "scale": pytest.approx(0.25), "window": 0}
+        assert [(f.domain, f.name) for f in model.functions] == [(fn.DOMAIN, fn.NAME)]  # the body ORT runs
+        rest = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
+        assert rest <= SUPPORTED, rest - SUPPORTED
+        assert {n.domain for n in model.graph.node} <= {"", fn.DOMAIN}
+
+
+def test_tensorrt_plugin_node_carries_the_sliding_window(tmp_path):
+    from llmexport.exporter.export import export_bundle
+
+    bundle = export_bundle("tiny-mistral", tmp_path / "b", target="tensorrt", max_seq_len=32)
+    model = onnx.load(bundle / "decode.onnx", load_external_data=False)
+    windows = {onnx.helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute
+               if n.op_type == "LlmexportAttention" and a.name == "window"}
+    assert windows == {8}
+    assert verify_bundle(bundle, prompts=4, decode_steps=12).ok  # 12 steps past a window of 8
 
 
 @pytest.mark.parametrize("target", TARGETS)
