@@ -1,0 +1,106 @@
+"""Flash-decoding attention over the static KV cache, in Triton: the kernel meant for the
+TensorRT plugin (and the torch CUDA-graph backend).
+
+Decode: one query token per sequence attends to its own cache rows [start, L), where L is the
+sequence's valid length (`seq_lens`) and start = max(0, L - window) with a sliding window.
+Nothing past L is ever read. The key range is split into chunks processed in parallel
+(split-K); each program handles one (sequence, kv head, chunk) and all G = Hq / Hkv query
+heads that share that kv head, so each K/V tile is loaded once. A second kernel merges the
+chunks' partial softmax results.
+
+Correctness is checked here on CPU with Triton's interpreter (TRITON_INTERPRET=1, see
+tests/runtime/test_triton_attention.py); speed only means something on a GPU (not yet run).
+
+Shapes: B batch, Hq / Hkv heads, G = Hq / Hkv, T cache capacity, D head_dim.
+  q (B, Hq, D) after RoPE; k_cache, v_cache (B, Hkv, T, D) with this step's K/V written;
+  seq_lens (B,) int; out (B, Hq, D).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _partial(q_ptr, k_ptr, v_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, scale, window,
+             stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, chunk, splits,
+             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    length = tl.load(lens_ptr + b)
+    first = tl.where(window > 0, tl.maximum(length - window, 0), 0)
+    lo = tl.maximum(first, s * chunk)
+    hi = tl.minimum(length, (s + 1) * chunk)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                mask=(g < G)[:, None], other=0.0)  # (BLOCK_G, D)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    base = b * stride_kb + h * stride_kh
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        valid = n < hi
+        k = tl.load(k_ptr + base + n[:, None] * stride_kt + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + base + n[:, None] * stride_kt + d[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m = m_new
+    row = (b * tl.num_programs(1) + h) * splits + s
+    tl.store(m_ptr + row * BLOCK_G + g, m)
+    tl.store(l_ptr + row * BLOCK_G + g, l)
+    tl.store(acc_ptr + (row * BLOCK_G + g)[:, None] * D + d[None, :], acc)
+
+
+@triton.jit
+def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh, splits,
+             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    sp = tl.arange(0, BLOCK_S)
+    base = (b * tl.num_programs(1) + h) * splits
+    m_all = tl.load(m_ptr + (base + sp)[:, None] * BLOCK_G + g[None, :], mask=(sp < splits)[:, None],
+                    other=float("-inf"))
+    top = tl.max(m_all, 0)  # (BLOCK_G,) the largest score over all chunks
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for i in range(0, splits):
+        m = tl.load(m_ptr + (base + i) * BLOCK_G + g)
+        weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))  # a chunk with no keys weighs 0
+        total += weight * tl.load(l_ptr + (base + i) * BLOCK_G + g)
+        acc += tl.load(acc_ptr + ((base + i) * BLOCK_G + g)[:, None] * D + d[None, :]) * weight[:, None]
+    out = acc / total[:, None]
+    tl.store(out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
+
+
+def decode_attention(q, k_cache, v_cache, seq_lens, scale: float, window: int = 0, out=None,
+                     chunk: int = 256, block_n: int = 32):
+    """Flash-decoding over the static cache; torch tensors on the kernel's device."""
+    import torch
+
+    batch, hq, d = q.shape
+    _, hkv, t, _ = k_cache.shape
+    g = hq // hkv
+    block_g = max(16, triton.next_power_of_2(g))  # tl.dot needs >= 16 rows
+    splits = triton.cdiv(t, chunk)
+    out = torch.empty_like(q) if out is None else out
+    partial = dict(device=q.device, dtype=torch.float32)
+    m = torch.empty(batch * hkv * splits * block_g, **partial)
+    l = torch.empty_like(m)
+    acc = torch.empty(batch * hkv * splits * block_g * d, **partial)
+    _partial[(batch, hkv, splits)](
+        q, k_cache, v_cache, seq_lens, m, l, acc, scale, window,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), chunk, splits,
+        G=g, BLOCK_G=block_g, D=d, BLOCK_N=block_n)
+    _combine[(batch, hkv)](m, l, acc, out, out.stride(0), out.stride(1), splits,
+                           G=g, BLOCK_G=block_g, D=d, BLOCK_S=triton.next_power_of_2(splits))
+    return out
