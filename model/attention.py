@@ -3,7 +3,8 @@
 `llmexport::attention` is a torch custom op so that tracing keeps it as a single node; the
 exporter translates that node per target (standard ONNX ops, ONNX Runtime's
 GroupQueryAttention, a TensorRT plugin). Its eager body below is the reference math every
-translation is checked against.
+translation is checked against. `llmexport::attention_in_place` is the same math writing the
+caches in place, which eager execution uses so a decode step never copies the cache.
 
 Shapes (letters used throughout):
   B batch, S new tokens, T cache capacity (max_seq_len), Hq query heads, Hkv key/value heads,
@@ -37,12 +38,8 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-@torch.library.custom_op("llmexport::attention", mutates_args=())
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-    position_ids: Tensor, seq_lens: Tensor, cos: Tensor, sin: Tensor,
-    scale: float, window: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _attend(q, k, v, k_cache, v_cache, position_ids, cos, sin, scale: float, window: int, in_place: bool):
+    """The reference math shared by both ops; returns (out, k_cache, v_cache)."""
     B, S, _ = q.shape
     _, Hkv, T, D = k_cache.shape
     Hq = q.shape[-1] // D
@@ -53,8 +50,11 @@ def attention(
     q, k = rotate(q, c, s), rotate(k, c, s)
 
     slots = position_ids[:, None, :, None].expand(B, Hkv, S, D)
-    k_cache = k_cache.scatter(2, slots, k)  # (B, Hkv, T, D)
-    v_cache = v_cache.scatter(2, slots, v)
+    if in_place:
+        k_cache.scatter_(2, slots, k)  # (B, Hkv, T, D)
+        v_cache.scatter_(2, slots, v)
+    else:
+        k_cache, v_cache = k_cache.scatter(2, slots, k), v_cache.scatter(2, slots, v)
 
     j = torch.arange(T, device=q.device)
     p = position_ids[:, :, None]  # (B, S, 1)
@@ -70,6 +70,31 @@ def attention(
     return out, k_cache, v_cache
 
 
+@torch.library.custom_op("llmexport::attention", mutates_args=())
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+    position_ids: Tensor, seq_lens: Tensor, cos: Tensor, sin: Tensor,
+    scale: float, window: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Functional: returns new caches. What tracing sees (a pure function to translate)."""
+    return _attend(q, k, v, k_cache, v_cache, position_ids, cos, sin, scale, window, in_place=False)
+
+
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, position_ids, seq_lens, cos, sin, scale, window):
     return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+
+
+@torch.library.custom_op("llmexport::attention_in_place", mutates_args=("k_cache", "v_cache"))
+def attention_in_place(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+    position_ids: Tensor, seq_lens: Tensor, cos: Tensor, sin: Tensor,
+    scale: float, window: int,
+) -> Tensor:
+    """Writes the new K/V into the caches (no copy); what eager execution uses."""
+    return _attend(q, k, v, k_cache, v_cache, position_ids, cos, sin, scale, window, in_place=True)[0]
+
+
+@attention_in_place.register_fake
+def _(q, k, v, k_cache, v_cache, position_ids, seq_lens, cos, sin, scale, window):
+    return torch.empty_like(q)

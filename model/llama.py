@@ -5,7 +5,8 @@ self_attn.q_proj`, ...), so Hugging Face checkpoints map onto it one to one (see
 Qwen2's q/k/v bias, tied embeddings, rope scaling and sliding windows are config fields.
 
 The KV cache is static and owned by the caller: forward takes the cache tensors and returns
-the updated ones, so a trace sees one pure function.
+the updated ones. Traced, that is one pure function (new cache tensors out); run eagerly, the
+caller's buffers are updated in place and returned, so a step never copies the cache.
 
 Shapes: B batch, S new tokens, T cache capacity, E hidden size, V vocabulary.
 """
@@ -64,11 +65,13 @@ class Attention(nn.Module):
         self.window = config.layer_window(layer)
 
     def forward(self, x, position_ids, seq_lens, k_cache, v_cache, cos, sin):
-        # x (B, S, E) -> out (B, S, E); caches (B, Hkv, T, D) in, updated copies out
-        out, k_cache, v_cache = torch.ops.llmexport.attention(
-            self.q_proj(x), self.k_proj(x), self.v_proj(x), k_cache, v_cache,
-            position_ids, seq_lens, cos, sin, self.scale, self.window,
-        )
+        # x (B, S, E) -> out (B, S, E); caches (B, Hkv, T, D) in, updated caches out
+        args = (self.q_proj(x), self.k_proj(x), self.v_proj(x), k_cache, v_cache,
+                position_ids, seq_lens, cos, sin, self.scale, self.window)
+        if torch.compiler.is_compiling():  # tracing: one pure op, new caches as outputs
+            out, k_cache, v_cache = torch.ops.llmexport.attention(*args)
+        else:  # eager: write the caller's buffers in place and hand the same tensors back
+            out = torch.ops.llmexport.attention_in_place(*args)
         return self.o_proj(out), k_cache, v_cache
 
 

@@ -74,3 +74,18 @@ def test_decode_writes_only_its_own_slot(model):
     for old, new in zip(before, cache.k):
         changed = (old != new).any(dim=-1).any(dim=1)[0]  # (T,) slots that changed
         assert changed.nonzero().flatten().tolist() == [3]
+
+
+def test_in_place_and_functional_ops_agree(model):
+    """Eager forward updates the caller's buffers in place; the traced op returns new ones."""
+    g = torch.Generator().manual_seed(4)
+    d, hkv = model.config.head_dim, model.config.num_kv_heads
+    q = torch.randn(2, 5, model.config.num_heads * d, generator=g)
+    k, v = torch.randn(2, 5, hkv * d, generator=g), torch.randn(2, 5, hkv * d, generator=g)
+    caches = [torch.randn(2, hkv, 64, d, generator=g) for _ in range(2)]
+    pos, lens = torch.arange(3, 8).expand(2, 5), torch.tensor([8, 8])
+    args = (pos, lens, model.rope_cos, model.rope_sin, d**-0.5, 3)
+    out, k_new, v_new = torch.ops.llmexport.attention(q, k, v, *caches, *args)
+    assert not torch.equal(k_new, caches[0])  # functional: inputs untouched
+    in_place = torch.ops.llmexport.attention_in_place(q, k, v, *caches, *args)
+    assert torch.equal(in_place, out) and torch.equal(caches[0], k_new) and torch.equal(caches[1], v_new)
