@@ -97,7 +97,7 @@ def _runners(config: BenchConfig, bundle: Path) -> list:
 def _measure(runner, config: BenchConfig, vocab: int, progress: Progress) -> dict:
     rng = np.random.default_rng(config.seed)
     runner.check()
-    before = rss_bytes()
+    before, device_before = rss_bytes(), _device_used(config.device)
     start = time.perf_counter()
     runner.load()
     result = {"backend": runner.name, "status": "ok", "load_s": time.perf_counter() - start, "ttft": {}, "decode": {}}
@@ -112,18 +112,19 @@ def _measure(runner, config: BenchConfig, vocab: int, progress: Progress) -> dic
         t = timed(runner.decode_step, runner.sync, config.warmup, config.repeats)
         result["decode"][str(batch)] = t.to_dict() | {"tokens_per_s": batch / t.median_s}
     result["host_rss_growth_bytes"] = max(rss_bytes() - before, 0)
-    result["peak_device_bytes"] = _device_peak(config.device, result["host_rss_growth_bytes"])
+    result["peak_device_bytes"] = max(_device_used(config.device) - device_before, 0)
     return result
 
 
-def _device_peak(device: str, host_growth: int) -> int:
+def _device_used(device: str) -> int:
+    """Device memory in use: on CUDA from the driver (so ONNX Runtime's own allocator counts
+    too, which torch's allocator statistics would miss); on CPU the process's RSS."""
     if device == "cuda":
         import torch
 
-        peak = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        return peak
-    return host_growth  # on CPU the device memory is the host's
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+    return rss_bytes()
 
 
 def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None) -> dict:
