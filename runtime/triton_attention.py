@@ -8,12 +8,17 @@ Nothing past L is ever read. The key range is split into chunks processed in par
 heads that share that kv head, so each K/V tile is loaded once. A second kernel merges the
 chunks' partial softmax results.
 
+Prefill: a block of query tokens of one head per program (flash attention); each query at
+position p sees cache rows j <= p (and p - j < window), the reference's rule, and the key loop
+stops at the block's highest position.
+
 Correctness is checked here on CPU with Triton's interpreter (TRITON_INTERPRET=1, see
 tests/runtime/test_triton_attention.py); speed only means something on a GPU (not yet run).
 
-Shapes: B batch, Hq / Hkv heads, G = Hq / Hkv, T cache capacity, D head_dim.
-  q (B, Hq, D) after RoPE; k_cache, v_cache (B, Hkv, T, D) with this step's K/V written;
-  seq_lens (B,) int; out (B, Hq, D).
+Shapes: B batch, S new tokens, Hq / Hkv heads, G = Hq / Hkv, T cache capacity, D head_dim.
+  decode: q (B, Hq, D) after RoPE; seq_lens (B,) int; out (B, Hq, D)
+  prefill: q (B, S, Hq, D) after RoPE; position_ids (B, S) int; out (B, S, Hq, D)
+  both: k_cache, v_cache (B, Hkv, T, D) with this step's K/V already written.
 """
 
 from __future__ import annotations
@@ -103,4 +108,58 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale: float, window: int = 
         G=g, BLOCK_G=block_g, D=d, BLOCK_N=block_n)
     _combine[(batch, hkv)](m, l, acc, out, out.stride(0), out.stride(1), splits,
                            G=g, BLOCK_G=block_g, D=d, BLOCK_S=triton.next_power_of_2(splits))
+    return out
+
+
+@triton.jit
+def _prefill(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, scale, window, seq,
+             stride_qb, stride_qs, stride_qh, stride_kb, stride_kh, stride_kt, stride_pb,
+             G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, hq, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    h = hq // G
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = rows < seq
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + rows[:, None] * stride_qs + hq * stride_qh + d[None, :],
+                mask=live[:, None], other=0.0)  # (BLOCK_M, D)
+    p = tl.load(pos_ptr + b * stride_pb + rows, mask=live, other=-1)  # (BLOCK_M,) positions
+    top = tl.max(p, 0) + 1  # keys this block can see: [0, top)
+    bottom = tl.where(window > 0, tl.maximum(tl.min(tl.where(live, p, top), 0) - window + 1, 0), 0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    base = b * stride_kb + h * stride_kh
+    for start in range((bottom // BLOCK_N) * BLOCK_N, top, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        loadable = n < top
+        k = tl.load(k_ptr + base + n[:, None] * stride_kt + d[None, :], mask=loadable[:, None], other=0.0)
+        v = tl.load(v_ptr + base + n[:, None] * stride_kt + d[None, :], mask=loadable[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
+        visible = (n[None, :] <= p[:, None]) & loadable[None, :]
+        visible = visible & ((window <= 0) | (p[:, None] - n[None, :] < window))
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp(m - m_safe)
+        weights = tl.exp(scores - m_safe[:, None])
+        l = l * alpha + tl.sum(weights, 1)
+        acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v).to(tl.float32)
+        m = m_new
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    tl.store(out_ptr + b * stride_qb + rows[:, None] * stride_qs + hq * stride_qh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=live[:, None])
+
+
+def prefill_attention(q, k_cache, v_cache, position_ids, scale: float, window: int = 0, out=None,
+                      block_m: int = 16, block_n: int = 32):
+    """Attention of S new tokens per sequence over the static cache; torch tensors."""
+    import torch
+
+    batch, seq, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    out = torch.empty_like(q) if out is None else out
+    _prefill[(batch, hq, triton.cdiv(seq, block_m))](
+        q, k_cache, v_cache, position_ids, out, scale, window, seq,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        position_ids.stride(0), G=hq // hkv, D=d, BLOCK_M=block_m, BLOCK_N=block_n)
     return out

@@ -67,3 +67,51 @@ def test_decode_kernel_matches_the_reference(case):
     assert out.returncode == 0, out.stderr[-2000:]
     _, relative = map(float, out.stdout.split())
     assert relative < TOLERANCE[case[6]], out.stdout
+
+
+PREFILL_CHECK = r"""
+import sys
+import torch
+from llmexport.runtime.triton_attention import prefill_attention
+
+batch, seq, hq, hkv, d, t, window, dtype = sys.argv[1:]
+batch, seq, hq, hkv, d, t, window = map(int, (batch, seq, hq, hkv, d, t, window))
+dtype = getattr(torch, dtype)
+torch.manual_seed(0)
+q = torch.randn(batch, seq, hq, d, dtype=dtype)
+k, v = torch.randn(batch, hkv, t, d, dtype=dtype), torch.randn(batch, hkv, t, d, dtype=dtype)
+positions = torch.tensor([0, 5, 11][:batch])[:, None] + torch.arange(seq)  # fresh and continued prompts
+
+g = hq // hkv
+scores = torch.einsum("bshd,bhtd->bhst", q.float(), k.repeat_interleave(g, 1).float()) * d ** -0.5
+j, p = torch.arange(t), positions[:, :, None]
+visible = (j <= p) & ((p - j < window) if window else True)
+probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+want = torch.einsum("bhst,bhtd->bshd", probs, v.repeat_interleave(g, 1).float())
+
+for b in range(batch):  # poison everything past each sequence's last position
+    k[b, :, int(positions[b].max()) + 1:] = float("nan")
+    v[b, :, int(positions[b].max()) + 1:] = float("nan")
+out = torch.full_like(q, float("nan"))
+prefill_attention(q, k, v, positions.to(torch.int32), d ** -0.5, window, out=out, block_m=8, block_n=16)
+assert torch.isfinite(out).all(), "read past a position, or left outputs unwritten"
+err = (out.float() - want).abs().max().item()
+print(f"{err:.3g} {err / want.abs().max().item():.3g}")
+"""
+
+PREFILL_CASES = [  # batch, new tokens, hq, hkv, head_dim, T, window, dtype
+    (2, 9, 4, 2, 16, 40, 0, "float32"),
+    (3, 20, 4, 4, 16, 64, 6, "float32"),     # sliding window narrower than the prompt
+    (2, 17, 8, 2, 32, 48, 0, "float16"),
+    (1, 24, 32, 8, 128, 64, 0, "float16"),   # llama-3-8b heads
+]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"b{c[0]}-s{c[1]}-h{c[2]}/{c[3]}-w{c[6]}-{c[7]}")
+def test_prefill_kernel_matches_the_reference(case):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", PREFILL_CHECK, *map(str, case)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    _, relative = map(float, out.stdout.split())
+    assert relative < TOLERANCE[case[7]], out.stdout
