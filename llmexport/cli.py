@@ -206,6 +206,25 @@ def bench(
     console.print("written: " + ", ".join(str(p) for p in paths.values()))
 
 
+@app.command("bench-kernels")
+def bench_kernels(
+    device: str = typer.Option("cuda", help="cuda (meaningful timings) or cpu (needs TRITON_INTERPRET=1)."),
+    lengths: str = typer.Option("128,1024,4096"),
+    batches: str = typer.Option("1,16"),
+    dtypes: str = typer.Option("float16,bfloat16"),
+    repeats: int = typer.Option(20, min=1),
+    out: Path = typer.Option(Path("benchmarks/results"), help="Directory for kernels-DEVICE.json and .md."),
+) -> None:
+    """Correctness and timing of the Triton attention kernel vs the reference and SDPA."""
+    from llmexport.benchmarks.kernels import kernel_report, markdown
+
+    report = kernel_report(device, _ints(lengths), _ints(batches), dtypes=tuple(dtypes.split(",")), repeats=repeats)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"kernels-{device}.json").write_text(json.dumps(report, indent=2))
+    (out / f"kernels-{device}.md").write_text(markdown(report))
+    console.print(markdown(report))
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(t) for t in text.split(",") if t.strip())

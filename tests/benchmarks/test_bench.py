@@ -7,6 +7,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 
 def _positive_numbers(node, path="") -> list[str]:
     """Paths of every number in the tree that is not a finite positive value."""
@@ -57,3 +59,22 @@ def test_prompt_longer_than_the_model_allows_is_a_clear_error(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip() == ("error: the benchmark needs max_seq_len 2049 but tiny-llama allows 256; "
                                   "pass smaller --prompt-lens / --decode-context")
+
+
+def test_kernel_report_smoke_in_the_interpreter(tmp_path):
+    """The harness the GPU host runs (`bench-kernels --device cuda`), at toy sizes on CPU."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton; it is in .[test])")
+    script = ("from llmexport.benchmarks.kernels import kernel_report, markdown\n"
+              "r = kernel_report('cpu', lengths=(16, 33), batches=(1, 2), heads={'tiny': (4, 2, 16)},"
+              " dtypes=('float32',), repeats=1)\n"
+              "assert all(row['max_relative_error'] < 1e-5 for row in r['rows']), r\n"
+              "assert len(r['rows']) == 4 and all(v > 0 for row in r['rows'] for v in row['seconds'].values())\n"
+              "print(markdown(r))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| tiny | float32 | 2 | 33 |" in out.stdout
