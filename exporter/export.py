@@ -25,7 +25,7 @@ from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_nor
 import llmexport
 from llmexport import LLMExportError
 from llmexport.model.config import ModelConfig, check_dtype
-from llmexport.model.weights import ModelSource, expected_shapes, open_source
+from llmexport.model.weights import ModelSource, open_source
 
 from . import attention_function
 from . import io_names as io
