@@ -74,3 +74,15 @@ def test_generate_without_prompt_is_an_error(tmp_path):
     assert run_cli("onnx", "--out", bundle, "--max-seq-len", "32").returncode == 0
     out = run_cli("generate", "--bundle", bundle)
     assert out.returncode == 1 and out.stderr.strip() == "error: give a --prompt or --token-ids"
+
+
+def test_generate_streams_text_from_a_prompt(bundle_factory):
+    bundle_dir, _ = bundle_factory("llama2", "ort")  # has a word-level tokenizer.json
+    out = run_cli("generate", "--bundle", str(bundle_dir), "--prompt", "w5 w6 w7", "--max-new-tokens", "6",
+                  "--ignore-eos")
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.split()
+    assert 1 <= len(words) <= 6 and all(w.startswith("w") for w in words)
+    as_json = json.loads(run_cli("generate", "--bundle", str(bundle_dir), "--prompt", "w5 w6 w7",
+                                 "--max-new-tokens", "6", "--ignore-eos", "--json").stdout)
+    assert as_json["text"][0].split() == words
