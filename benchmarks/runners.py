@@ -20,8 +20,9 @@ class Unavailable(Exception):
 class BundleRunner:
     """A runtime backend (onnxruntime, torch) on a bundle."""
 
-    def __init__(self, name: str, bundle_dir, backend: str, device: str):
+    def __init__(self, name: str, bundle_dir, backend: str, device: str, cuda_graph: bool | None = None):
         self.name, self.bundle_dir, self.backend_name, self.device = name, bundle_dir, backend, device
+        self.cuda_graph = cuda_graph
         self.backend = None
 
     def check(self) -> None:
@@ -37,7 +38,8 @@ class BundleRunner:
         from llmexport.runtime.session import create_backend
 
         try:
-            self.backend = create_backend(Bundle.open(self.bundle_dir), self.backend_name, self.device)
+            self.backend = create_backend(Bundle.open(self.bundle_dir), self.backend_name, self.device,
+                                          self.cuda_graph)
         except LLMExportError as e:
             raise Unavailable(str(e)) from None
 

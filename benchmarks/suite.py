@@ -82,11 +82,11 @@ def _runners(config: BenchConfig, bundle: Path) -> list:
     from llmexport.runtime.torch_backend import BundleSource
 
     gpu = config.device == "cuda"
-    graph_reason = "the torch backend has no CUDA-graph mode yet"
     return [
         TransformersEagerRunner(BundleSource(Bundle.open(bundle)), config.dtype, config.device),
         BundleRunner(f"torch-static ({config.device})", bundle, "torch", config.device),
-        MissingRunner("torch-static + CUDA graph", graph_reason if gpu else "needs a GPU"),
+        BundleRunner("torch-static + CUDA graph", bundle, "torch", "cuda", cuda_graph=True) if gpu
+        else MissingRunner("torch-static + CUDA graph", "needs a GPU"),
         BundleRunner("onnxruntime-cpu", bundle, "onnxruntime", "cpu"),
         BundleRunner("onnxruntime-cuda + CUDA graph", bundle, "onnxruntime", "cuda") if gpu
         else MissingRunner("onnxruntime-cuda + CUDA graph", "needs a GPU"),

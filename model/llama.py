@@ -24,6 +24,11 @@ from .config import ModelConfig
 from .rope import rope_tables
 
 
+def _capturing() -> bool:
+    """True while a CUDA graph is being recorded (no host reads of device values allowed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, scaled in the model dtype (as transformers)."""
 
@@ -146,7 +151,7 @@ class LlamaModel(nn.Module):
         Returns float32 logits, (B, S, V), or (B, V) at `logits_index` (B,) when given, and the
         updated caches.
         """
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not _capturing():  # the check reads values on the host
             self._check_positions(position_ids, seq_lens)
         x = self.model.embed_tokens(input_ids)  # (B, S, E)
         new_k, new_v = [], []

@@ -27,16 +27,20 @@ BACKENDS = ("onnxruntime", "torch", "tensorrt")
 Prompt = str | Sequence[int]
 
 
-def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu") -> Backend:
-    """The named backend for `bundle`; heavy libraries are imported only for the one asked for."""
+def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu",
+                   cuda_graph: bool | None = None) -> Backend:
+    """The named backend for `bundle`; heavy libraries are imported only for the one asked for.
+
+    cuda_graph: capture decode as CUDA graphs (None: yes for onnxruntime on CUDA, no for torch).
+    """
     if backend == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(bundle, device)
+        return OnnxRuntimeBackend(bundle, device, cuda_graph=True if cuda_graph is None else cuda_graph)
     if backend == "torch":
         from .torch_backend import TorchBackend
 
-        return TorchBackend(bundle, device)
+        return TorchBackend(bundle, device, cuda_graph=bool(cuda_graph))
     if backend == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
@@ -67,10 +71,11 @@ class GenerationResult:
 class Session:
     """A loaded bundle on one backend: `generate` for results, `stream` for tokens as they come."""
 
-    def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu"):
+    def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
+                 cuda_graph: bool | None = None):
         self.bundle = Bundle.open(bundle_dir)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_path) if self.bundle.tokenizer_path else None
-        self.backend = create_backend(self.bundle, backend, device)
+        self.backend = create_backend(self.bundle, backend, device, cuda_graph)
         self.slots = KVSlots(self.bundle.max_batch)
         self.last_timings: dict = {}
 

@@ -45,7 +45,12 @@ class BundleSource:
 
 
 class TorchBackend(Backend):
-    def __init__(self, bundle: Bundle, device: str = "cpu", dtype: str | None = None):
+    """The reference model on the bundle's weights, eager; on CUDA optionally with each decode
+    shape captured once as a CUDA graph and replayed (`cuda_graph=True`, UNTESTED: no GPU here).
+    Capture works because eager steps write the caches in place: a replay reads and writes the
+    same buffers, and only the small token/position inputs are copied into fixed tensors."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", dtype: str | None = None, cuda_graph: bool = False):
         """`dtype` overrides the bundle's compute dtype (verify runs the reference in float32)."""
         super().__init__(bundle)
         try:
@@ -54,11 +59,17 @@ class TorchBackend(Backend):
             raise LLMExportError("the torch backend needs torch; pip install torch") from None
         from llmexport.model.weights import TORCH_DTYPES, load_model
 
+        if device not in ("cpu", "cuda"):
+            raise LLMExportError(f"unknown device {device!r}; use cpu or cuda")
+        if cuda_graph and device != "cuda":
+            raise LLMExportError("CUDA graphs need --device cuda")
         if device == "cuda" and not torch.cuda.is_available():
             raise LLMExportError("device cuda needs a CUDA build of torch and a visible GPU; use --device cpu")
-        self.name = f"torch-{device}"
+        self.name = f"torch-{device}" + (" + CUDA graph" if cuda_graph else "")
         self._torch = torch
         self.device = device
+        self._cuda_graph = cuda_graph
+        self._graphs: dict[tuple[int, int], tuple] = {}
         dtype = dtype or bundle.dtype
         self.model = load_model(BundleSource(bundle), dtype=dtype, max_seq_len=bundle.max_seq_len, device=device)
         shape = bundle.cache_shape(bundle.max_batch)
@@ -66,16 +77,43 @@ class TorchBackend(Backend):
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
 
+    def _forward(self, ids, pos, lens, rows):
+        k = [c[rows.start: rows.stop] for c in self.k]
+        v = [c[rows.start: rows.stop] for c in self.v]
+        with self._torch.no_grad():  # eager: the model writes the new rows into these views in place
+            logits, _, _ = self.model(ids, pos, lens, k, v, logits_index=lens - 1 - pos[:, 0])
+        return logits
+
     def step(self, phase, input_ids, position_ids, seq_lens, rows):
         self.check_step(seq_lens, rows)
         torch = self._torch
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
-        ids, pos, lens = to(input_ids), to(position_ids), to(seq_lens)
-        k = [c[rows.start: rows.stop] for c in self.k]
-        v = [c[rows.start: rows.stop] for c in self.v]
-        with torch.no_grad():  # eager: the model writes the new rows into these views in place
-            logits, _, _ = self.model(ids, pos, lens, k, v, logits_index=lens - 1 - pos[:, 0])
-        return logits.cpu().numpy()
+        inputs = (to(input_ids), to(position_ids), to(seq_lens))
+        if self._cuda_graph and phase == "decode":
+            return self._replay(inputs, rows)
+        return self._forward(*inputs, rows).cpu().numpy()
+
+    def _replay(self, inputs, rows):
+        """Decode through a CUDA graph captured per (first row, batch): fixed addresses throughout."""
+        torch = self._torch
+        key = (rows.start, len(rows))
+        if key not in self._graphs:
+            static = tuple(t.clone() for t in inputs)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # this step itself, eagerly: warms up allocators and kernels
+                logits = self._forward(*static, rows)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # recorded, not run: the step above already wrote the caches
+                out = self._forward(*static, rows)
+            self._graphs[key] = (graph, static, out)
+            return logits.cpu().numpy()
+        graph, static, out = self._graphs[key]
+        for dst, src in zip(static, inputs):
+            dst.copy_(src)
+        graph.replay()
+        return out.cpu().numpy()
 
     def cache_addresses(self) -> list[int]:
         return [t.data_ptr() for t in self.k + self.v]
