@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PREFILL, DECODE = "prefill", "decode"
+from llmexport.exporter.io_names import DECODE, PREFILL
 
 
 class Unavailable(Exception):

@@ -142,14 +142,12 @@ def export_bundle(
 
 
 def _graph_manifest(graph: ir.Model, file: str, config: ModelConfig, target: str) -> dict:
-    layers = range(config.num_layers)
     return {
         "file": file,
         "inputs": io_spec(graph.graph.inputs),
         "outputs": io_spec(graph.graph.outputs),
         # Each present output is the same tensor as its past input: bind both to one buffer.
-        "aliases": {io.present_key(i): io.past_key(i) for i in layers} | {io.present_value(i): io.past_value(i)
-                                                                         for i in layers},
+        "aliases": dict(zip(io.cache_outputs(config.num_layers), io.cache_inputs(config.num_layers))),
         "ops": sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in graph.graph}),
     }
 

@@ -1,5 +1,6 @@
 """Graph input/output names and named dims: the one place the ONNX export, the manifest,
-TensorRT profiles and the runtime take them from (names follow onnxruntime-genai's)."""
+TensorRT profiles and the runtime take them from (names follow onnxruntime-genai's).
+Plain strings only, so the torch-free runtime imports it too."""
 
 INPUT_IDS = "input_ids"  # int64 (batch, sequence)
 POSITION_IDS = "position_ids"  # int64 (batch, sequence): the cache slot of each new token
@@ -11,6 +12,7 @@ SEQUENCE = "sequence"
 
 PREFILL, DECODE = "prefill", "decode"
 WEIGHTS_FILE = "weights.bin"
+TRANSPOSED = ".T"  # suffix of weights.bin tensors stored transposed ([in, out]) for MatMul
 ROPE_COS, ROPE_SIN = "rope_cos", "rope_sin"  # (max_seq_len, head_dim / 2) in the model dtype
 
 

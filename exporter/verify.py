@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmexport.exporter import io_names as io
 from llmexport.runtime.bundle import Bundle
 from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from llmexport.runtime.torch_backend import TorchBackend
@@ -81,14 +82,14 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
             ids = rng.integers(0, bundle.vocab_size, (batch, width))
             positions = np.tile(np.arange(width), (batch, 1))
             rows = range(batch)
-            got = onnx_side.step("prefill", ids, positions, lengths, rows)
-            ref = reference.step("prefill", ids, positions, lengths, rows)
+            got = onnx_side.step(io.PREFILL, ids, positions, lengths, rows)
+            ref = reference.step(io.PREFILL, ids, positions, lengths, rows)
             stats["logits (prefill)"].add(got, ref)
             for _ in range(min(decode_steps, bundle.max_seq_len - width)):
                 token = ref.argmax(-1)[:, None]
                 lengths = lengths + 1
-                got = onnx_side.step("decode", token, (lengths - 1)[:, None], lengths, rows)
-                ref = reference.step("decode", token, (lengths - 1)[:, None], lengths, rows)
+                got = onnx_side.step(io.DECODE, token, (lengths - 1)[:, None], lengths, rows)
+                ref = reference.step(io.DECODE, token, (lengths - 1)[:, None], lengths, rows)
                 stats["logits (decode)"].add(got, ref)
             for got_c, ref_c in zip(onnx_side.cache_arrays(rows), reference.cache_arrays(rows)):
                 for row, n in enumerate(lengths):  # only the valid slots: padding slots differ by design

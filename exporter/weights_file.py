@@ -26,7 +26,6 @@ from llmexport.model.weights import TORCH_DTYPES, ModelSource
 from . import io_names as io
 
 ALIGNMENT = 64 * 1024  # offsets a runtime can mmap on any OS
-TRANSPOSED = ".T"
 _IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
 
@@ -50,7 +49,7 @@ def fold_weight_transposes(model: ir.Model) -> None:
                             for n in users):
             continue
         rows, cols = value.shape
-        name, shape = value.name + TRANSPOSED, ir.Shape([cols, rows])
+        name, shape = value.name + io.TRANSPOSED, ir.Shape([cols, rows])
         # Data is attached by attach_weights once the weight file is written.
         placeholder = ir.ExternalTensor(io.WEIGHTS_FILE, 0, 0, value.dtype, shape=shape, name=name)
         stored = ir.Value(name=name, shape=shape, type=value.type, const_value=placeholder)
@@ -62,7 +61,7 @@ def fold_weight_transposes(model: ir.Model) -> None:
 
 
 def _source_name(name: str) -> str:
-    return name.removesuffix(TRANSPOSED)
+    return name.removesuffix(io.TRANSPOSED)
 
 
 def write_weights(source: ModelSource, dtype: str, max_seq_len: int, wanted: Iterable[str], path: Path,
@@ -77,7 +76,7 @@ def write_weights(source: ModelSource, dtype: str, max_seq_len: int, wanted: Ite
                 if name not in by_source:
                     continue
                 graph_name = by_source[name]
-                if graph_name.endswith(TRANSPOSED):
+                if graph_name.endswith(io.TRANSPOSED):
                     tensor = tensor.t()
                 data = tensor.contiguous().view(torch.uint8).numpy()
                 offset = -f.tell() % ALIGNMENT + f.tell()

@@ -26,12 +26,13 @@ from __future__ import annotations
 import numpy as np
 
 from llmexport import LLMExportError
+from llmexport.exporter import io_names as io
 
 from .backend import Backend
 from .bundle import Bundle
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
-PREFILL, DECODE = "prefill", "decode"
+PREFILL, DECODE = io.PREFILL, io.DECODE
 
 
 def _ort():
@@ -133,20 +134,18 @@ class OnnxRuntimeBackend(Backend):
         return [h[rows.start: rows.stop].copy() for h in hosts]
 
     def _bind_caches(self, binding, rows: range) -> None:
-        names = [n for i in range(self.bundle.num_layers)
-                 for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
+        layers = self.bundle.num_layers
         past = self._caches[self._current]
         present = self._caches[(self._current + 1) % len(self._caches)]
         shape = self.bundle.cache_shape(len(rows))
         row_bytes = int(np.prod(shape[1:])) * np.dtype(self._dtype).itemsize
-        for name, src, dst in zip(names, past, present):
-            out_name = name.replace("past_key_values", "present")
+        for name, out_name, src, dst in zip(io.cache_inputs(layers), io.cache_outputs(layers), past, present):
             binding.bind_input(name, self.device, 0, self._dtype, shape, self._address(src) + rows.start * row_bytes)
             binding.bind_output(out_name, self.device, 0, self._dtype, shape,
                                 self._address(dst) + rows.start * row_bytes)
 
     def _bind_tokens(self, binding, phase, input_ids, position_ids, seq_lens) -> None:
-        feeds = {"input_ids": input_ids, "position_ids": position_ids, "seq_lens": seq_lens}
+        feeds = {io.INPUT_IDS: input_ids, io.POSITION_IDS: position_ids, io.SEQ_LENS: seq_lens}
         if not (self._graph and phase == DECODE):
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
@@ -157,11 +156,11 @@ class OnnxRuntimeBackend(Backend):
         fixed = self._graph_inputs.setdefault(batch, {
             name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=np.int64), "cuda", 0)
             for name, a in feeds.items()} | {
-            "logits": ort.OrtValue.ortvalue_from_shape_and_type((batch, self.bundle.vocab_size), np.float32, "cuda", 0)})
+            io.LOGITS: ort.OrtValue.ortvalue_from_shape_and_type((batch, self.bundle.vocab_size), np.float32, "cuda", 0)})
         for name, array in feeds.items():
             fixed[name].update_inplace(np.ascontiguousarray(array, dtype=np.int64))
             binding.bind_ortvalue_input(name, fixed[name])
-        binding.bind_ortvalue_output("logits", fixed["logits"])  # bound first: output 0
+        binding.bind_ortvalue_output(io.LOGITS, fixed[io.LOGITS])  # bound first: output 0
 
     def step(self, phase, input_ids, position_ids, seq_lens, rows):
         self.check_step(seq_lens, rows)
@@ -171,7 +170,7 @@ class OnnxRuntimeBackend(Backend):
         self._bind_tokens(binding, phase, input_ids, position_ids, seq_lens)
         graph = self._graph and phase == DECODE
         if not graph:
-            binding.bind_output("logits", "cpu")  # bound first: output 0
+            binding.bind_output(io.LOGITS, "cpu")  # bound first: output 0
         self._bind_caches(binding, rows)
         options = ort.RunOptions()
         if graph:

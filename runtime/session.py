@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from llmexport import LLMExportError
+from llmexport.exporter import io_names as io
 
 from .backend import Backend
 from .bundle import Bundle
@@ -119,7 +120,7 @@ class Session:
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams = SamplingParams()) -> GenerationResult:
         ids = self._encode(prompts)
         result = GenerationResult([[] for _ in ids], ["" for _ in ids], ["" for _ in ids])
-        for event in self.stream(ids, params):
+        for event in self._stream(ids, params):
             result.token_ids[event.row].append(event.token_id)
             result.text[event.row] += event.text
             if event.finish_reason:
@@ -129,7 +130,10 @@ class Session:
 
     def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams = SamplingParams()) -> Iterator[TokenEvent]:
         """Yield one TokenEvent per generated token of each row, in generation order."""
-        prompts = self._encode(prompts)
+        yield from self._stream(self._encode(prompts), params)
+
+    def _stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent]:
+        """stream() on prompts already encoded and checked (generate encodes them itself)."""
         streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]  # validates stop vs tokenizer
         eos = () if params.ignore_eos else (params.eos_token_ids if params.eos_token_ids is not None
                                              else self.bundle.eos_token_ids)
@@ -151,7 +155,7 @@ class Session:
         done: list[str | None] = [None] * batch
         produced = [0] * batch
         started = time.perf_counter()
-        logits = self.backend.step("prefill", input_ids, positions, lengths.copy(), rows)
+        logits = self.backend.step(io.PREFILL, input_ids, positions, lengths.copy(), rows)
         first_token = time.perf_counter()
         decode_steps = 0
         while True:
@@ -181,7 +185,7 @@ class Session:
             step_ids = np.where(active, tokens, 0)[:, None].astype(np.int64)
             step_pos = np.where(active, lengths, lengths - 1)[:, None]
             lengths = np.where(active, lengths + 1, lengths)
-            logits = self.backend.step("decode", step_ids, step_pos, lengths.copy(), rows)
+            logits = self.backend.step(io.DECODE, step_ids, step_pos, lengths.copy(), rows)
             decode_steps += 1
         finished = time.perf_counter()
         self.last_timings = {

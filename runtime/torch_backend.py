@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from llmexport import LLMExportError
+from llmexport.exporter import io_names as io
 
 from .backend import Backend
 from .bundle import Bundle
 
-_TRANSPOSED = ".T"  # see exporter/weights_file.py
 
 
 class BundleSource:
@@ -39,8 +39,8 @@ class BundleSource:
                 continue  # recomputed by the model
             raw = torch.from_numpy(np.array(blob[t["offset"]: t["offset"] + t["length"]]))
             tensor = raw.view(stored).reshape(t["shape"])
-            if name.endswith(_TRANSPOSED):
-                name, tensor = name.removesuffix(_TRANSPOSED), tensor.t()
+            if name.endswith(io.TRANSPOSED):
+                name, tensor = name.removesuffix(io.TRANSPOSED), tensor.t()
             yield name, tensor.contiguous().to(TORCH_DTYPES[dtype])
 
 
@@ -89,7 +89,7 @@ class TorchBackend(Backend):
         torch = self._torch
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
         inputs = (to(input_ids), to(position_ids), to(seq_lens))
-        if self._cuda_graph and phase == "decode":
+        if self._cuda_graph and phase == io.DECODE:
             return self._replay(inputs, rows)
         return self._forward(*inputs, rows).cpu().numpy()
 
