@@ -7,6 +7,7 @@ place. Host memory stays at a few tensors whatever the model size.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -26,6 +27,7 @@ import llmexport
 from llmexport import LLMExportError
 from llmexport.model.config import ModelConfig, check_dtype
 from llmexport.model.weights import ModelSource, open_source
+from llmexport.runtime.generation_config import eos_token_ids, sampling_defaults
 
 from . import attention_function
 from . import io_names as io
@@ -36,6 +38,9 @@ from .trace import trace
 from .weights_file import attach_weights, fold_weight_transposes, write_weights
 
 IR_VERSION = 10  # ONNX Runtime 1.31 refuses IR 14, onnx 1.23's default
+# Constants the optimiser may fold into the graph file; anything larger (a Range over the cache
+# capacity, say) stays a computation, so graphs do not grow with max_seq_len.
+MAX_FOLDED_ELEMENTS = 1024
 DEFAULT_MAX_SEQ_LEN = 4096
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -112,10 +117,7 @@ def export_bundle(
             onnx.checker.check_model(str(path), full_check=True)
             graph_files[phase] = _graph_manifest(graph, path.name, config, target)
         progress("optimize", 2, 2)
-        tokenizer = None
-        if source.tokenizer_file:
-            shutil.copy(source.tokenizer_file, tmp / "tokenizer.json")
-            tokenizer = "tokenizer.json"
+        side = _copy_side_files(source, tmp)
         write_manifest(tmp, {
             "llmexport_version": llmexport.__version__,
             "model": {"name": source.name, "config": config.to_dict(), "seed": None if source.checkpoint_dir else seed},
@@ -123,8 +125,7 @@ def export_bundle(
             "target": target,
             "limits": {"max_batch": max_batch, "max_seq_len": max_seq_len},
             "bos_token_id": config.bos_token_id,
-            "eos_token_ids": list(config.eos_token_ids),
-            "tokenizer": tokenizer,
+            **side,
             "cache": {
                 "layout": ["batch", "kv_heads", "max_seq_len", "head_dim"],
                 "shape": [io.BATCH, config.num_kv_heads, max_seq_len, config.head_dim],
@@ -139,6 +140,30 @@ def export_bundle(
                        "onnx": onnx.__version__, "opset": graphs[io.PREFILL].opset_imports.get("", None)},
         })
     return out
+
+
+def _copy_side_files(source: ModelSource, bundle_dir: Path) -> dict:
+    """Copy the checkpoint's tokenizer, chat template and generation config into the bundle;
+    returns the manifest fields naming them. EOS ids: generation_config.json's (what transformers'
+    generate stops on), then config.json's."""
+    files = source.side_files()
+    for name, path in files.items():
+        shutil.copy(path, bundle_dir / name)
+    generation = {}
+    if "generation_config.json" in files:
+        try:
+            generation = json.loads(files["generation_config.json"].read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LLMExportError(f"cannot read {files['generation_config.json']}: {e}; fix or remove it") from None
+    eos = dict.fromkeys(eos_token_ids(generation) + source.config.eos_token_ids)
+    present = lambda name: name if name in files else None  # noqa: E731
+    return {
+        "eos_token_ids": list(eos),
+        "tokenizer": present("tokenizer.json"),
+        "chat": {"template": present("chat_template.jinja"), "tokenizer_config": present("tokenizer_config.json"),
+                 "special_tokens_map": present("special_tokens_map.json")},
+        "generation": {"file": present("generation_config.json"), "defaults": sampling_defaults(generation)},
+    }
 
 
 def _graph_manifest(graph: ir.Model, file: str, config: ModelConfig, target: str) -> dict:
@@ -167,7 +192,8 @@ def _optimize(model: ir.Model, target: str) -> ir.Model:
     cleanup = ir.passes.Sequential(
         *inline,
         ir.passes.PassManager([
-            FoldConstantsPass(shape_inference=True, input_size_limit=8192, output_size_limit=8192,
+            FoldConstantsPass(shape_inference=True, input_size_limit=MAX_FOLDED_ELEMENTS,
+                              output_size_limit=MAX_FOLDED_ELEMENTS,
                               should_fold=should_fold),
             RewritePass(_DEFAULT_REWRITE_RULES),
             common_passes.RemoveUnusedNodesPass(),
@@ -189,7 +215,7 @@ def _optimize(model: ir.Model, target: str) -> ir.Model:
 def _check_weights_kept(graph: ir.Model, names: set[str], phase: str) -> None:
     """Optimisation may lift small constants to initializers, never drop or copy a weight."""
     inits = graph.graph.initializers
-    extra = [n for n in set(inits) - names if inits[n].const_value.size > 1024]
+    extra = [n for n in set(inits) - names if inits[n].const_value.size > MAX_FOLDED_ELEMENTS]
     if not names <= set(inits) or extra:
         raise LLMExportError(f"internal: optimising {phase} changed its weights "
                              f"(lost {sorted(names - set(inits))[:3]}, added {extra[:3]})")

@@ -3,8 +3,14 @@
 Both sides run the same random ragged prompts, then the same decode steps: the decode
 tokens are the reference's greedy choices (teacher forcing), so one early disagreement does
 not snowball into every later step. The reference runs in float32 on the bundle's own
-weights. Reported per output: max absolute error, relative error (max abs / max |reference|),
-and for logits the top-1 agreement. Tolerances are per dtype.
+weights, attending over each sequence's valid length only.
+
+Judged like Polygraphy's comparator, per output and per dtype (TOLERANCES, documented in
+README): the error of every element is scaled by the output's scale (max |reference| of that
+step), and the statistic checked is the maximum of that scaled error (and its 99th percentile
+is reported beside it). NaN or Inf on either side fails. For logits, top-1 agreement is
+counted only where the reference's top two logits differ by more than the tolerance (a
+near-tie may go either way without either side being wrong).
 """
 
 from __future__ import annotations
@@ -18,16 +24,30 @@ from llmexport.runtime.bundle import Bundle
 from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from llmexport.runtime.torch_backend import TorchBackend
 
-# dtype -> (max abs error on logits and caches, minimum top-1 agreement)
-TOLERANCE = {"float32": (1e-4, 1.0), "float16": (float("inf"), 0.99), "bfloat16": (float("inf"), 0.98)}
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_scaled: float  # max |got - ref| / max |ref| per step, logits and caches
+    min_top1: float  # fraction of decisive rows whose argmax agrees
+
+
+# float32 differs from the reference by summation order only (measured on a 30-layer trained
+# model: 2.6e-6); float16 / bfloat16 graphs compute in that dtype against a float32 reference
+# (10 / 7 significand bits: relative rounding 1e-3 / 8e-3 per op, compounded over layers).
+TOLERANCES = {"float32": Tolerance(1e-4, 1.0), "float16": Tolerance(2e-2, 0.99),
+              "bfloat16": Tolerance(1e-1, 0.97)}
+VERIFY_BATCH = 4  # prompts per step: caches are allocated for this many rows, not max_batch
 
 
 @dataclass
 class OutputError:
     output: str
     max_abs: float
-    relative: float
-    top1: float | None  # logits only
+    max_scaled: float  # the statistic judged: max over elements of |got - ref| / scale
+    p99_scaled: float
+    top1: float | None  # logits only: agreement over decisive rows
+    nonfinite: int  # NaN/Inf elements on the bundle's side (any fails)
+    tolerance: float
     ok: bool
 
 
@@ -42,41 +62,61 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.rows)
+        return bool(self.rows) and all(r.ok for r in self.rows)
 
 
 class _Stats:
-    def __init__(self, name: str, logits: bool):
-        self.name, self.logits = name, logits
-        self.max_abs = self.ref_max = 0.0
-        self.agree = self.total = 0
+    def __init__(self, name: str, logits: bool, tolerance: Tolerance):
+        self.name, self.logits, self.tol = name, logits, tolerance
+        self.max_abs = self.max_scaled = 0.0
+        self.scaled: list[np.ndarray] = []  # a sample of scaled errors, for the percentile
+        self.nonfinite = 0
+        self.agree = self.decisive = 0
 
     def add(self, got: np.ndarray, ref: np.ndarray) -> None:
         got, ref = got.astype(np.float32), ref.astype(np.float32)
-        self.max_abs = max(self.max_abs, float(np.abs(got - ref).max()))
-        self.ref_max = max(self.ref_max, float(np.abs(ref).max()))
+        bad = ~np.isfinite(got) | ~np.isfinite(ref)
+        self.nonfinite += int(bad.sum())
+        if bad.all():
+            return
+        diff = np.abs(got - ref)[~bad]
+        scaled = diff / max(float(np.abs(ref[~bad]).max()), 1e-30)
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.max_scaled = max(self.max_scaled, float(scaled.max()))
+        self.scaled.append(scaled.ravel()[:: max(1, scaled.size // 4096)])
         if self.logits:
-            self.agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-            self.total += ref.shape[0]
+            top2 = np.sort(ref, axis=-1)[:, -2:]
+            scale = np.abs(ref).max(axis=-1)
+            decisive = (top2[:, 1] - top2[:, 0]) > 2 * self.tol.max_scaled * scale
+            self.agree += int((got.argmax(-1) == ref.argmax(-1))[decisive].sum())
+            self.decisive += int(decisive.sum())
 
-    def result(self, dtype: str) -> OutputError:
-        abs_tol, top1_tol = TOLERANCE[dtype]
-        top1 = self.agree / self.total if self.logits and self.total else None
-        ok = self.max_abs <= abs_tol and (top1 is None or top1 >= top1_tol)
-        return OutputError(self.name, self.max_abs, self.max_abs / max(self.ref_max, 1e-30), top1, ok)
+    def result(self) -> OutputError:
+        top1 = self.agree / self.decisive if self.logits and self.decisive else (1.0 if self.logits else None)
+        p99 = float(np.quantile(np.concatenate(self.scaled), 0.99)) if self.scaled else float("nan")
+        ok = (self.nonfinite == 0 and bool(self.scaled) and self.max_scaled <= self.tol.max_scaled
+              and (top1 is None or top1 >= self.tol.min_top1))
+        max_scaled = self.max_scaled if self.nonfinite == 0 else float("inf")
+        return OutputError(self.name, self.max_abs, max_scaled, p99, top1, self.nonfinite, self.tol.max_scaled, ok)
 
 
 def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: int = 0,
-                  device: str = "cpu") -> VerifyReport:
+                  device: str = "cpu", threads: int | None = None) -> VerifyReport:
     bundle = Bundle.open(bundle_dir)
+    tol = TOLERANCES[bundle.dtype]
     rng = np.random.default_rng(seed)
     longest = max(1, min(32, bundle.max_seq_len - decode_steps))
-    stats = {"logits (prefill)": _Stats("logits (prefill)", True),
-             "logits (decode)": _Stats("logits (decode)", True),
-             "present.*.key/value": _Stats("present.*.key/value", False)}
-    with OnnxRuntimeBackend(bundle, device, decode_graph=True) as onnx_side, TorchBackend(bundle, "cpu", "float32") as reference:
-        for start in range(0, prompts, bundle.max_batch):
-            batch = min(bundle.max_batch, prompts - start)
+    stats = {name: _Stats(name, name.startswith("logits"), tol)
+             for name in ("logits (prefill)", "logits (decode)", "present.*.key/value")}
+    rows_per_step = min(VERIFY_BATCH, bundle.max_batch, prompts)
+    # Small on purpose: caches for `rows_per_step` rows only (the reference's only as long as the
+    # longest sequence), and no prepacked second copy of the weights in ONNX Runtime.
+    with OnnxRuntimeBackend(bundle, device, decode_graph=True, cache_rows=rows_per_step, threads=threads,
+                            prepack=False) as onnx_side, \
+            TorchBackend(bundle, "cpu", "float32", cache_rows=rows_per_step, threads=threads,
+                         cache_len=longest + decode_steps) as reference:
+        for start in range(0, prompts, rows_per_step):
+            batch = min(rows_per_step, prompts - start)
             lengths = rng.integers(1, longest + 1, batch)
             width = int(lengths.max())
             ids = rng.integers(0, bundle.vocab_size, (batch, width))
@@ -91,8 +131,10 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
                 got = onnx_side.step(io.DECODE, token, (lengths - 1)[:, None], lengths, rows)
                 ref = reference.step(io.DECODE, token, (lengths - 1)[:, None], lengths, rows)
                 stats["logits (decode)"].add(got, ref)
-            for got_c, ref_c in zip(onnx_side.cache_arrays(rows), reference.cache_arrays(rows)):
-                for row, n in enumerate(lengths):  # only the valid slots: padding slots differ by design
+            valid = int(lengths.max())  # slots past every sequence's end are padding by design
+            for got_c, ref_c in zip(onnx_side.cache_arrays(rows, valid), reference.cache_arrays(rows, valid),
+                                    strict=True):
+                for row, n in enumerate(lengths):
                     stats["present.*.key/value"].add(got_c[row, :, :n], ref_c[row, :, :n])
     return VerifyReport(str(bundle_dir), bundle.dtype, bundle.target, prompts, decode_steps,
-                        [s.result(bundle.dtype) for s in stats.values() if s.ref_max or s.total])
+                        [s.result() for s in stats.values() if s.scaled or s.nonfinite])

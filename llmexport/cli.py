@@ -41,21 +41,41 @@ def models() -> None:
 @app.command()
 def reference(
     model: str = typer.Option("tiny-llama", help="Preset name or Hugging Face checkpoint directory."),
-    token_ids: str = typer.Option("1,2,3,4", help="Comma-separated prompt token ids."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt text (needs the checkpoint's tokenizer.json)."),
+    token_ids: Optional[str] = typer.Option(None, help="Comma-separated prompt token ids (default 1,2,3,4)."),
     max_new_tokens: int = typer.Option(16, min=1),
     dtype: str = typer.Option("float32"),
     temperature: float = typer.Option(0.0, min=0.0),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),
 ) -> None:
     """Generate with the torch reference model (the oracle for every backend)."""
-    from llmexport.model.generate import reference_generate
-    from llmexport.model.weights import load_model
+    import torch
 
-    prompt = _parse_ids(token_ids)
-    net = load_model(model, dtype=dtype, max_seq_len=len(prompt) + max_new_tokens, seed=seed)
-    out = reference_generate(net, [prompt], max_new_tokens, temperature=temperature, seed=seed,
+    from llmexport.model.generate import reference_generate
+    from llmexport.model.weights import load_model, open_source
+    from llmexport.runtime.tokenizer import Tokenizer
+
+    if prompt is not None and token_ids is not None:
+        raise LLMExportError("give either --prompt or --token-ids, not both")
+    source = open_source(model, seed)
+    tokenizer = Tokenizer(source.tokenizer_file) if source.tokenizer_file else None
+    if prompt is not None:
+        if tokenizer is None:
+            raise LLMExportError(f"{model} has no tokenizer.json; pass --token-ids instead of --prompt")
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = _parse_ids(token_ids or "1,2,3,4")
+    if threads:
+        torch.set_num_threads(threads)
+    net = load_model(source, dtype=dtype, max_seq_len=min(len(ids) + max_new_tokens,
+                                                          source.config.max_position_embeddings))
+    out = reference_generate(net, [ids], max_new_tokens, temperature=temperature, seed=seed,
                              eos_token_ids=net.config.eos_token_ids)
-    print(json.dumps({"token_ids": out}))
+    result = {"token_ids": out}
+    if tokenizer is not None:
+        result["text"] = [tokenizer.decode(t) for t in out]
+    print(json.dumps(result, ensure_ascii=False))
 
 
 @app.command()
@@ -66,7 +86,7 @@ def onnx(
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache capacity (default: min(model limit, 4096))."),
     max_batch: int = typer.Option(8, help="Largest batch the runtime will run."),
-    seed: int = typer.Option(0, help="Seed of a preset's random weights."),
+    seed: int = typer.Option(0, min=0, help="Seed of a preset's random weights."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Export prefill and decode ONNX graphs sharing one weight file, as a bundle."""
@@ -94,52 +114,70 @@ def verify(
     bundle: Path = typer.Option(..., help="Bundle directory."),
     prompts: int = typer.Option(8, min=1, help="Random prompts to compare."),
     decode_steps: int = typer.Option(16, min=0),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     device: str = typer.Option("cpu", help="ONNX Runtime device: cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for each side (default: all cores)."),
 ) -> None:
     """Run the bundle's graphs in ONNX Runtime against the torch reference; non-zero exit past tolerance."""
     from llmexport.exporter.verify import verify_bundle
 
-    report = verify_bundle(bundle, prompts=prompts, decode_steps=decode_steps, seed=seed, device=device)
+    report = verify_bundle(bundle, prompts=prompts, decode_steps=decode_steps, seed=seed, device=device,
+                           threads=threads)
     table = Table(title=f"{report.bundle}: {report.target} {report.dtype}, {report.prompts} prompts, "
                         f"{report.decode_steps} decode steps", box=None)
-    for column in ("output", "max abs", "relative", "top-1", "ok"):
+    for column in ("output", "max abs", "max scaled", "p99 scaled", "tolerance", "top-1", "NaN/Inf", "ok"):
         table.add_column(column, no_wrap=True)
     for r in report.rows:
-        table.add_row(r.output, f"{r.max_abs:.3g}", f"{r.relative:.3g}", "-" if r.top1 is None else f"{r.top1:.4f}",
-                      "yes" if r.ok else "NO")
+        table.add_row(r.output, f"{r.max_abs:.3g}", f"{r.max_scaled:.3g}", f"{r.p99_scaled:.3g}", f"{r.tolerance:.3g}",
+                      "-" if r.top1 is None else f"{r.top1:.4f}", str(r.nonfinite), "yes" if r.ok else "NO")
     console.print(table)
     if not report.ok:
         raise LLMExportError("verification failed: errors above the tolerance for " + report.dtype)
 
 
+def _sampling(session, **given):
+    """The bundle's generation defaults, overridden by the options the user gave (None: not given)."""
+    return session.default_params(**{k: v for k, v in given.items() if v is not None})
+
+
 @app.command()
 def generate(
     bundle: Path = typer.Option(..., help="Bundle directory."),
-    prompt: list[str] = typer.Option([], help="Prompt text (repeat for a batch); needs the bundle's tokenizer."),
+    prompt: list[str] = typer.Option([], help="Prompt text (repeat for a batch); needs the bundle's tokenizer. "
+                                              "Use $'...\\n...' in bash for newlines."),
     token_ids: list[str] = typer.Option([], help="Prompt as comma-separated token ids (repeat for a batch)."),
-    max_new_tokens: int = typer.Option(64),
-    temperature: float = typer.Option(0.0),
-    top_k: int = typer.Option(0),
-    top_p: float = typer.Option(1.0),
-    repetition_penalty: float = typer.Option(1.0),
-    seed: int = typer.Option(0),
+    chat: Optional[str] = typer.Option(None, help="A user message, rendered with the bundle's chat template."),
+    system: Optional[str] = typer.Option(None, help="System message for --chat."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Default: generation_config.json's, else 64."),
+    temperature: Optional[float] = typer.Option(None, help="0 is greedy. Default: generation_config.json's, else 0."),
+    top_k: Optional[int] = typer.Option(None),
+    top_p: Optional[float] = typer.Option(None),
+    repetition_penalty: Optional[float] = typer.Option(None),
+    seed: int = typer.Option(0, min=0),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     ignore_eos: bool = typer.Option(False),
     backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON result instead of streaming text."),
 ) -> None:
     """Generate from a bundle, streaming text as it is produced."""
-    from llmexport.runtime.sampling import SamplingParams
     from llmexport.runtime.session import Session
 
     prompts: list = [*prompt, *(_parse_ids(t) for t in token_ids)]
-    if not prompts:
-        raise LLMExportError("give a --prompt or --token-ids")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
-    with Session(bundle, backend=backend, device=device) as session:
+    if chat is not None and prompts:
+        raise LLMExportError("give either --chat or --prompt/--token-ids, not both")
+    if system is not None and chat is None:
+        raise LLMExportError("--system needs --chat")
+    if not prompts and chat is None:
+        raise LLMExportError("give a --prompt, --token-ids or --chat")
+    with Session(bundle, backend=backend, device=device, threads=threads) as session:
+        params = _sampling(session, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop) or None,
+                           ignore_eos=ignore_eos or None)
+        if chat is not None:
+            messages = ([{"role": "system", "content": system}] if system is not None else [])
+            prompts = [session.render_chat(messages + [{"role": "user", "content": chat}])]
         if json_output:
             print(json.dumps(session.generate(prompts, params).to_dict()))
             return
@@ -153,6 +191,53 @@ def generate(
                 print(" ".join(map(str, ids)))
         else:
             print()
+
+
+@app.command("chat")
+def chat_command(
+    bundle: Path = typer.Option(..., help="Bundle directory (with a tokenizer and chat template)."),
+    system: Optional[str] = typer.Option(None, help="System message."),
+    max_new_tokens: int = typer.Option(512, help="Per reply."),
+    temperature: Optional[float] = typer.Option(None, help="Default: generation_config.json's, else 0 (greedy)."),
+    top_p: Optional[float] = typer.Option(None),
+    seed: int = typer.Option(0, min=0),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, min=1),
+) -> None:
+    """Interactive multi-turn chat: type a message, Enter sends it; /reset forgets, /exit or Ctrl-D ends."""
+    from llmexport.runtime.session import Session
+
+    interactive = sys.stdin.isatty()
+    with Session(bundle, backend=backend, device=device, threads=threads) as session:
+        session.chat_template  # noqa: B018  (fails now, with its reason, if the bundle has none)
+        params = _sampling(session, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        start = [{"role": "system", "content": system}] if system is not None else []
+        messages = list(start)
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if line.strip() == "/reset":
+                messages = list(start)
+                continue
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = []
+            try:
+                for event in session.chat_stream(messages, params):
+                    print(event.text, end="", flush=True)
+                    reply.append(event.text)
+            except LLMExportError as e:  # e.g. the conversation outgrew max_seq_len: say so, keep the session
+                messages.pop()
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            print()
+            messages.append({"role": "assistant", "content": "".join(reply)})
 
 
 @app.command()

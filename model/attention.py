@@ -38,6 +38,11 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def static_mode() -> bool:
+    """True while tracing or recording a CUDA graph: no host reads of tensor values allowed."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def _attend(q, k, v, k_cache, v_cache, position_ids, cos, sin, scale: float, window: int, in_place: bool):
     """The reference math shared by both ops; returns (out, k_cache, v_cache)."""
     B, S, _ = q.shape
@@ -56,17 +61,22 @@ def _attend(q, k, v, k_cache, v_cache, position_ids, cos, sin, scale: float, win
     else:
         k_cache, v_cache = k_cache.scatter(2, slots, k), v_cache.scatter(2, slots, v)
 
-    j = torch.arange(T, device=q.device)
+    # Slots past the furthest position are invisible to every query: attend over the valid
+    # prefix only, so eager time and memory follow the context, not the cache capacity. (While
+    # tracing or capturing a CUDA graph the length cannot be read on the host: use all T.)
+    used = T if static_mode() else int(position_ids.max()) + 1
+    keys, values = k_cache[:, :, :used], v_cache[:, :, :used]  # (B, Hkv, U, D)
+    j = torch.arange(used, device=q.device)
     p = position_ids[:, :, None]  # (B, S, 1)
-    visible = j <= p  # (B, S, T)
+    visible = j <= p  # (B, S, U)
     if window > 0:
         visible &= p - j < window
-    keys = k_cache.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, T, D)
-    values = v_cache.repeat_interleave(Hq // Hkv, dim=1)
-    scores = (q @ keys.transpose(2, 3) * scale).float()  # (B, Hq, S, T)
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    grouped = q.reshape(B, Hkv, Hq // Hkv, S, D)  # (B, Hkv, G, S, D): no copy of the cache per group
+    scores = (grouped @ keys.unsqueeze(2).transpose(3, 4) * scale).float()  # (B, Hkv, G, S, U)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = (probs @ values).transpose(1, 2).reshape(B, S, Hq * D)  # (B, S, Hq*D)
+    out = (probs @ values.unsqueeze(2)).reshape(B, Hq, S, D)  # (B, Hq, S, D)
+    out = out.transpose(1, 2).reshape(B, S, Hq * D)  # (B, S, Hq*D)
     return out, k_cache, v_cache
 
 

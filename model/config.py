@@ -19,13 +19,38 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "float16", "bfloat16")
 
-# Keys that carry no information for inference (training knobs, bookkeeping).
+# Keys that carry no information for inference (training knobs, bookkeeping, generic
+# transformers PretrainedConfig fields).
 _IGNORED_KEYS = {
     "architectures", "attention_dropout", "initializer_range", "use_cache", "transformers_version",
-    "torch_dtype", "dtype", "_name_or_path", "pad_token_id", "model_type", "output_attentions",
-    "output_hidden_states", "return_dict", "tokenizer_class", "auto_map", "use_return_dict",
-    "is_decoder", "chunk_size_feed_forward", "_attn_implementation_autoset", "id2label", "label2id",
-    "problem_type", "max_window_layers", "use_sliding_window", "bos_token_id", "eos_token_id",
+    "torch_dtype", "dtype", "_name_or_path", "_model_name_or_path", "pad_token_id", "unk_token_id",
+    "sep_token_id", "decoder_start_token_id", "model_type", "output_attentions", "output_hidden_states",
+    "return_dict", "tokenizer_class", "auto_map", "use_return_dict", "is_decoder", "chunk_size_feed_forward",
+    "_attn_implementation_autoset", "_attn_implementation", "id2label", "label2id", "problem_type",
+    "max_window_layers", "use_sliding_window", "bos_token_id", "eos_token_id", "_from_model_config",
+    "finetuning_task", "task_specific_params", "prefix", "torchscript", "use_bfloat16", "tf_legacy_loss",
+    "pruned_heads", "tie_encoder_decoder", "is_encoder_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "keys_to_ignore_at_inference", "max_length", "min_length", "do_sample",
+    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "cache_implementation", "sliding_window_pattern",
+}
+# Keys that change the math when set; accepted only with the neutral value shown (what a
+# plain Llama/Qwen2/Mistral has). Anything else is rejected with the key named.
+_NEUTRAL_KEYS: dict[str, Any] = {
+    "attn_logit_softcapping": None, "final_logit_softcapping": None, "embedding_multiplier": 1.0,
+    "residual_multiplier": 1.0, "attention_multiplier": None, "logits_scaling": 1.0,
+    "query_pre_attn_scalar": None, "use_qk_norm": False, "qk_layernorm": False, "use_mrope": False,
+    "mlp_bias": False, "pretraining_tp": 1, "hidden_act": "silu", "quantization_config": None,
+    "partial_rotary_factor": 1.0, "rope_interleaved": False, "no_rope_layers": None,
+}
+# Keys config_from_hf maps onto ModelConfig.
+_MAPPED_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "rope_parameters", "head_dim", "attention_bias", "tie_word_embeddings", "sliding_window", "layer_types",
 }
 
 
@@ -206,6 +231,21 @@ def _sliding_window(hf: dict[str, Any], num_layers: int) -> tuple[int | None, tu
     return (int(window) if layers else None), layers
 
 
+def _check_keys(hf: dict[str, Any]) -> None:
+    """Every key is mapped, ignorable, or a math-changing key at its neutral value."""
+    for key, value in hf.items():
+        if key in _MAPPED_KEYS or key in _IGNORED_KEYS:
+            continue
+        if key in _NEUTRAL_KEYS:
+            neutral = _NEUTRAL_KEYS[key]
+            if value == neutral or (value is None and neutral in (False, 1, 1.0)) or (value is False and neutral is None):
+                continue
+            raise LLMExportError(f"config.json {key}={value!r} changes the model's math and is not supported "
+                                 f"(supported: {neutral!r}); this checkpoint cannot be exported")
+        raise LLMExportError(f"config.json has key {key!r}, unknown to llmexport, which may change the model's "
+                             f"math; if it does not affect inference, remove it from config.json")
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Map a Hugging Face config.json dict onto ModelConfig, rejecting what we cannot run."""
     model_type = hf.get("model_type")
@@ -213,14 +253,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise LLMExportError(
             f"config.json model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise LLMExportError(f"config.json hidden_act {hf['hidden_act']!r} is not supported; only 'silu'")
-    if hf.get("mlp_bias"):
-        raise LLMExportError("config.json mlp_bias=true is not supported")
-    if int(hf.get("pretraining_tp", 1)) != 1:
-        raise LLMExportError("config.json pretraining_tp != 1 is not supported; re-save the checkpoint with tp=1")
-    if hf.get("quantization_config"):
-        raise LLMExportError("config.json has quantization_config: quantized checkpoints are not supported")
+    _check_keys(hf)
     try:
         num_layers = int(hf["num_hidden_layers"])
         heads = int(hf["num_attention_heads"])

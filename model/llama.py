@@ -19,14 +19,9 @@ from torch import Tensor, nn
 
 from llmexport import LLMExportError
 
-from . import attention as _attention  # noqa: F401  (registers torch.ops.llmexport.attention)
+from . import attention as _attention  # also registers torch.ops.llmexport.attention
 from .config import ModelConfig
 from .rope import rope_tables
-
-
-def _capturing() -> bool:
-    """True while a CUDA graph is being recorded (no host reads of device values allowed)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class RMSNorm(nn.Module):
@@ -151,11 +146,15 @@ class LlamaModel(nn.Module):
         Returns float32 logits, (B, S, V), or (B, V) at `logits_index` (B,) when given, and the
         updated caches.
         """
-        if not torch.compiler.is_compiling() and not _capturing():  # the check reads values on the host
+        layers = self.config.num_layers
+        if len(k_caches) != layers or len(v_caches) != layers:
+            raise LLMExportError(f"got {len(k_caches)} key and {len(v_caches)} value cache buffers for a model of "
+                                 f"{layers} layers; pass one of each per layer")
+        if not _attention.static_mode():  # the check reads values on the host
             self._check_positions(position_ids, seq_lens)
         x = self.model.embed_tokens(input_ids)  # (B, S, E)
         new_k, new_v = [], []
-        for layer, k_cache, v_cache in zip(self.model.layers, k_caches, v_caches):
+        for layer, k_cache, v_cache in zip(self.model.layers, k_caches, v_caches, strict=True):
             x, k_cache, v_cache = layer(x, position_ids, seq_lens, k_cache, v_cache, self.rope_cos, self.rope_sin)
             new_k.append(k_cache)
             new_v.append(v_cache)

@@ -31,6 +31,10 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 # Present in some checkpoints, never needed: recomputed rope frequencies.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 _INIT_STD = 0.02  # transformers' initializer_range default
+# Files beside the weights that a bundle keeps: the tokenizer, its config and chat template, the
+# legacy special-token map and the generation defaults (Hugging Face layout).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+              "generation_config.json")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -81,9 +85,13 @@ class ModelSource:
 
     @property
     def tokenizer_file(self) -> Path | None:
-        if self.checkpoint_dir and (self.checkpoint_dir / "tokenizer.json").is_file():
-            return self.checkpoint_dir / "tokenizer.json"
-        return None
+        return self.side_files().get("tokenizer.json")
+
+    def side_files(self) -> dict[str, Path]:
+        """The checkpoint's tokenizer, chat and generation files that exist, by file name."""
+        if not self.checkpoint_dir:
+            return {}
+        return {name: self.checkpoint_dir / name for name in SIDE_FILES if (self.checkpoint_dir / name).is_file()}
 
     def tensors(self, dtype: str) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor in `dtype`) for every expected tensor, one at a time."""

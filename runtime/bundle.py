@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 from llmexport import LLMExportError
 
 FORMAT = "llmexport-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# Element types of weights.bin by bundle dtype; numpy has no bfloat16, so those are raw uint16 bits.
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 def read_manifest(bundle_dir: str | Path) -> dict:
@@ -46,12 +51,13 @@ class Bundle:
         bundle = cls(Path(bundle_dir), read_manifest(bundle_dir))
         try:
             files = [g["file"] for g in bundle.manifest["graphs"].values()] + [bundle.manifest["weights"]["file"]]
-            files += [bundle.manifest["tokenizer"]] if bundle.manifest.get("tokenizer") else []
+            files += [f for f in (bundle.manifest.get("tokenizer"), *bundle._chat_files().values(),
+                                  bundle._generation().get("file")) if f]
             bundle.config["vocab_size"], bundle.max_batch, bundle.max_seq_len  # noqa: B018  (fields present)
-        except (KeyError, TypeError) as e:
-            raise LLMExportError(f"{bundle.path / MANIFEST} lacks field {e}; re-export the bundle") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise LLMExportError(f"{bundle.path / MANIFEST} lacks or garbles field {e}; re-export the bundle") from None
         for file in files:
-            if not (bundle.path / file).is_file():
+            if not bundle.file(file).is_file():
                 raise LLMExportError(f"bundle {bundle.path} is missing {file}; re-export the bundle")
         weights = bundle.path / bundle.manifest["weights"]["file"]
         if weights.stat().st_size != bundle.manifest["weights"]["bytes"]:
@@ -98,14 +104,51 @@ class Bundle:
     def cache_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, *self.manifest["cache"]["shape"][1:])
 
+    def file(self, name: str) -> Path:
+        """A file the manifest names; refused unless it resolves (after symlinks) inside the bundle."""
+        if not isinstance(name, str) or not name or Path(name).is_absolute():
+            raise LLMExportError(f"{self.path / MANIFEST} names file {name!r}: only relative paths inside the "
+                                 f"bundle are allowed; re-export the bundle")
+        path = (self.path / name).resolve()
+        if not path.is_relative_to(self.path.resolve()):
+            raise LLMExportError(f"{self.path / MANIFEST} names file {name!r}, which resolves outside the bundle "
+                                 f"({path}); refusing to read it")
+        return path
+
     def graph_path(self, phase: str) -> Path:
-        return self.path / self.manifest["graphs"][phase]["file"]
+        return self.file(self.manifest["graphs"][phase]["file"])
+
+    @cached_property
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every tensor of weights.bin, by graph initializer name, as a read-only view of one
+        memory map shared by every backend of this bundle (bfloat16 as raw uint16 bits)."""
+        blob = np.memmap(self.weights_path, dtype=np.uint8, mode="r")
+        dtype = np.dtype(NUMPY_DTYPES[self.dtype])
+        return {name: np.frombuffer(blob, dtype=dtype, count=int(np.prod(t["shape"], dtype=np.int64)),
+                                    offset=t["offset"]).reshape(t["shape"])
+                for name, t in self.manifest["weights"]["tensors"].items()}
 
     @property
     def weights_path(self) -> Path:
-        return self.path / self.manifest["weights"]["file"]
+        return self.file(self.manifest["weights"]["file"])
 
     @property
     def tokenizer_path(self) -> Path | None:
         name = self.manifest.get("tokenizer")
-        return self.path / name if name else None
+        return self.file(name) if name else None
+
+    def _chat_files(self) -> dict:
+        chat = self.manifest.get("chat") or {}
+        return {k: chat.get(k) for k in ("template", "tokenizer_config", "special_tokens_map")}
+
+    def _generation(self) -> dict:
+        return self.manifest.get("generation") or {}
+
+    def chat_paths(self) -> dict[str, Path | None]:
+        """chat_template.jinja, tokenizer_config.json, special_tokens_map.json where the bundle has them."""
+        return {k: self.file(v) if v else None for k, v in self._chat_files().items()}
+
+    @property
+    def generation_defaults(self) -> dict:
+        """SamplingParams fields from the checkpoint's generation_config.json (empty without one)."""
+        return dict(self._generation().get("defaults") or {})

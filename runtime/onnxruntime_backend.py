@@ -45,8 +45,8 @@ def _ort():
 
 class OnnxRuntimeBackend(Backend):
     def __init__(self, bundle: Bundle, device: str = "cpu", *, cuda_graph: bool = True, prepack: bool = True,
-                 decode_graph: bool | None = None):
-        super().__init__(bundle)
+                 decode_graph: bool | None = None, cache_rows: int | None = None, threads: int | None = None):
+        super().__init__(bundle, cache_rows, threads)
         self._prepack = prepack
         ort = _ort()
         if bundle.dtype not in _NP_DTYPES:
@@ -71,7 +71,7 @@ class OnnxRuntimeBackend(Backend):
         self._sessions[DECODE] = self._session(ort, DECODE) if decode_graph else self._sessions[PREFILL]
         layers = bundle.num_layers
         sets = 1 if bundle.cache_in_place else 2
-        shape = bundle.cache_shape(bundle.max_batch)
+        shape = bundle.cache_shape(self.cache_rows)
         # _caches[s][2*i] is layer i's key buffer of set s, [2*i+1] its value buffer.
         self._caches = [[self._zeros(shape) for _ in range(2 * layers)] for _ in range(sets)]
         self._current = 0
@@ -80,17 +80,12 @@ class OnnxRuntimeBackend(Backend):
     # -- loading -----------------------------------------------------------------------------
 
     def _load_weights(self, ort) -> dict[str, object]:
-        path = self.bundle.weights_path
-        blob = np.memmap(path, dtype=np.uint8, mode="r")
         weights = {}
-        for name, t in self.bundle.manifest["weights"]["tensors"].items():
-            array = np.frombuffer(blob, dtype=self._dtype, count=int(np.prod(t["shape"])), offset=t["offset"])
-            array = array.reshape(t["shape"])
+        for name, array in self.bundle.weights.items():
             if self.device == "cuda":
                 weights[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
-            else:
+            else:  # points into the bundle's memory map, which the Bundle keeps alive
                 weights[name] = ort.OrtValue.ortvalue_from_numpy(array)
-        self._blob = blob  # CPU OrtValues point into the mapping: keep it alive
         return weights
 
     def _session(self, ort, phase: str):
@@ -98,6 +93,9 @@ class OnnxRuntimeBackend(Backend):
         options.log_severity_level = 3
         if not self._prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
         for name, value in self._weights.items():
             options.add_initializer(name, value)
         if self.device == "cuda":
@@ -128,10 +126,10 @@ class OnnxRuntimeBackend(Backend):
     def cache_addresses(self) -> list[int]:
         return [self._address(b) for caches in self._caches for b in caches]
 
-    def cache_arrays(self, rows: range) -> list[np.ndarray]:
+    def cache_arrays(self, rows: range, length: int | None = None) -> list[np.ndarray]:
         current = self._caches[self._current]
         hosts = [b.numpy() if self.device == "cuda" else b for b in current]
-        return [h[rows.start: rows.stop].copy() for h in hosts]
+        return [h[rows.start: rows.stop, :, :length].copy() for h in hosts]
 
     def _bind_caches(self, binding, rows: range) -> None:
         layers = self.bundle.num_layers
@@ -175,7 +173,7 @@ class OnnxRuntimeBackend(Backend):
         options = ort.RunOptions()
         if graph:
             # One captured graph per (batch, rows, cache set): each has its own fixed addresses.
-            key = (len(rows) * self.bundle.max_batch + rows.start) * 2 + self._current
+            key = (len(rows) * self.cache_rows + rows.start) * 2 + self._current
             options.add_run_config_entry("gpu_graph_id", str(key + 1))
         try:
             session.run_with_iobinding(binding, options)

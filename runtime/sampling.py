@@ -27,6 +27,7 @@ class SamplingParams:
             (self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)"),
             (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 turns it off)"),
             (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
+            (isinstance(self.seed, int) and 0 <= self.seed < 2**63, f"seed={self.seed} must be an integer in 0..2**63-1"),
             (self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1 is off)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]

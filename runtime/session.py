@@ -20,6 +20,7 @@ from llmexport.exporter import io_names as io
 
 from .backend import Backend
 from .bundle import Bundle
+from .chat import ChatTemplate, Message
 from .kv_slots import KVSlots
 from .sampling import Sampler, SamplingParams
 from .tokenizer import TextStream, Tokenizer
@@ -29,19 +30,21 @@ Prompt = str | Sequence[int]
 
 
 def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu",
-                   cuda_graph: bool | None = None) -> Backend:
+                   cuda_graph: bool | None = None, threads: int | None = None) -> Backend:
     """The named backend for `bundle`; heavy libraries are imported only for the one asked for.
 
     cuda_graph: capture decode as CUDA graphs (None: yes for onnxruntime on CUDA, no for torch).
+    threads: CPU threads of the compute library (None: its default, every core).
     """
     if backend == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(bundle, device, cuda_graph=True if cuda_graph is None else cuda_graph)
+        return OnnxRuntimeBackend(bundle, device, cuda_graph=True if cuda_graph is None else cuda_graph,
+                                  threads=threads)
     if backend == "torch":
         from .torch_backend import TorchBackend
 
-        return TorchBackend(bundle, device, cuda_graph=bool(cuda_graph))
+        return TorchBackend(bundle, device, cuda_graph=bool(cuda_graph), threads=threads)
     if backend == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
@@ -73,12 +76,43 @@ class Session:
     """A loaded bundle on one backend: `generate` for results, `stream` for tokens as they come."""
 
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, threads: int | None = None):
         self.bundle = Bundle.open(bundle_dir)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_path) if self.bundle.tokenizer_path else None
-        self.backend = create_backend(self.bundle, backend, device, cuda_graph)
+        self.backend = create_backend(self.bundle, backend, device, cuda_graph, threads)
         self.slots = KVSlots(self.bundle.max_batch)
         self.last_timings: dict = {}
+        self._chat_template: ChatTemplate | None = None
+
+    def default_params(self, **overrides) -> SamplingParams:
+        """SamplingParams from the checkpoint's generation_config.json, with `overrides` applied
+        (what `generate`/`stream`/`chat` use when given no params)."""
+        return SamplingParams(**{**self.bundle.generation_defaults, **overrides})
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        if self._chat_template is None:
+            paths = self.bundle.chat_paths()
+            template = ChatTemplate.from_files(paths["template"], paths["tokenizer_config"],
+                                               paths["special_tokens_map"])
+            if template is None:
+                raise LLMExportError("this bundle has no chat template (its checkpoint had no chat_template.jinja or "
+                                     "tokenizer_config.json chat_template); use a plain prompt")
+            self._chat_template = template
+        return self._chat_template
+
+    def render_chat(self, messages: Sequence[Message]) -> list[int]:
+        """Prompt ids of a conversation, as transformers' apply_chat_template(add_generation_prompt=True)."""
+        if self.tokenizer is None:
+            raise LLMExportError("chat needs the bundle's tokenizer; this bundle has none")
+        return self.tokenizer.encode(self.chat_template.render(messages), add_special_tokens=False)
+
+    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None) -> GenerationResult:
+        """The assistant's reply to one conversation ([{"role": ..., "content": ...}, ...])."""
+        return self.generate([self.render_chat(messages)], params)
+
+    def chat_stream(self, messages: Sequence[Message], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        yield from self.stream([self.render_chat(messages)], params)
 
     def close(self) -> None:
         self.backend.close()
@@ -117,7 +151,8 @@ class Session:
                                  f"split the request or re-export with a larger --max-batch")
         return out
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams = SamplingParams()) -> GenerationResult:
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> GenerationResult:
+        """params None: the bundle's generation defaults (greedy without a generation_config.json)."""
         ids = self._encode(prompts)
         result = GenerationResult([[] for _ in ids], ["" for _ in ids], ["" for _ in ids])
         for event in self._stream(ids, params):
@@ -128,12 +163,13 @@ class Session:
         result.timings = self.last_timings
         return result
 
-    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams = SamplingParams()) -> Iterator[TokenEvent]:
+    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
         """Yield one TokenEvent per generated token of each row, in generation order."""
         yield from self._stream(self._encode(prompts), params)
 
-    def _stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent]:
+    def _stream(self, prompts: list[list[int]], params: SamplingParams | None) -> Iterator[TokenEvent]:
         """stream() on prompts already encoded and checked (generate encodes them itself)."""
+        params = self.default_params() if params is None else params
         streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]  # validates stop vs tokenizer
         eos = () if params.ignore_eos else (params.eos_token_ids if params.eos_token_ids is not None
                                              else self.bundle.eos_token_ids)

@@ -18,8 +18,10 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise LLMExportError(f"cannot read tokenizer {path}: {e}; re-export the bundle") from None
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (BOS
+        for Llama, as transformers' `tokenizer(text)` does); rendered chats pass False."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -28,20 +28,25 @@ class BundleSource:
         self.config = ModelConfig.from_dict(bundle.config)
 
     def tensors(self, dtype: str) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+        """Views into the memory-mapped weights.bin where the dtype matches (no copy: ONNX Runtime
+        maps the same pages), converted copies otherwise. Transposed weights stay transposed views:
+        F.linear reads them in place."""
+        import warnings
+
         import torch
 
         from llmexport.model.weights import TORCH_DTYPES
 
-        blob = np.memmap(self.bundle.weights_path, dtype=np.uint8, mode="r")
         stored = TORCH_DTYPES[self.bundle.dtype]
-        for name, t in self.bundle.manifest["weights"]["tensors"].items():
+        for name, array in self.bundle.weights.items():
             if name.startswith("rope_"):
                 continue  # recomputed by the model
-            raw = torch.from_numpy(np.array(blob[t["offset"]: t["offset"] + t["length"]]))
-            tensor = raw.view(stored).reshape(t["shape"])
+            with warnings.catch_warnings():  # read-only mapping: the model never writes its weights
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.from_numpy(array).view(stored)
             if name.endswith(io.TRANSPOSED):
                 name, tensor = name.removesuffix(io.TRANSPOSED), tensor.t()
-            yield name, tensor.contiguous().to(TORCH_DTYPES[dtype])
+            yield name, tensor.to(TORCH_DTYPES[dtype])
 
 
 class TorchBackend(Backend):
@@ -50,9 +55,13 @@ class TorchBackend(Backend):
     Capture works because eager steps write the caches in place: a replay reads and writes the
     same buffers, and only the small token/position inputs are copied into fixed tensors."""
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", dtype: str | None = None, cuda_graph: bool = False):
-        """`dtype` overrides the bundle's compute dtype (verify runs the reference in float32)."""
-        super().__init__(bundle)
+    def __init__(self, bundle: Bundle, device: str = "cpu", dtype: str | None = None, cuda_graph: bool = False,
+                 cache_rows: int | None = None, threads: int | None = None, cache_len: int | None = None):
+        """`dtype` overrides the bundle's compute dtype (verify runs the reference in float32);
+        `cache_len` allocates fewer cache slots than max_seq_len (the eager model needs only as
+        many as the longest sequence it will see; verify uses this to stay small).
+        `threads` sets torch's intra-op threads for the whole process (torch has no per-model knob)."""
+        super().__init__(bundle, cache_rows, threads)
         try:
             import torch
         except ImportError:
@@ -65,6 +74,8 @@ class TorchBackend(Backend):
             raise LLMExportError("CUDA graphs need --device cuda")
         if device == "cuda" and not torch.cuda.is_available():
             raise LLMExportError("device cuda needs a CUDA build of torch and a visible GPU; use --device cpu")
+        if threads:
+            torch.set_num_threads(threads)
         self.name = f"torch-{device}" + (" + CUDA graph" if cuda_graph else "")
         self._torch = torch
         self.device = device
@@ -72,7 +83,9 @@ class TorchBackend(Backend):
         self._graphs: dict[tuple[int, int], tuple] = {}
         dtype = dtype or bundle.dtype
         self.model = load_model(BundleSource(bundle), dtype=dtype, max_seq_len=bundle.max_seq_len, device=device)
-        shape = bundle.cache_shape(bundle.max_batch)
+        shape = bundle.cache_shape(self.cache_rows)
+        if cache_len is not None:
+            shape = (*shape[:2], min(cache_len, bundle.max_seq_len), shape[3])
         dtype = TORCH_DTYPES[dtype]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
@@ -118,6 +131,6 @@ class TorchBackend(Backend):
     def cache_addresses(self) -> list[int]:
         return [t.data_ptr() for t in self.k + self.v]
 
-    def cache_arrays(self, rows: range) -> list[np.ndarray]:
+    def cache_arrays(self, rows: range, length: int | None = None) -> list[np.ndarray]:
         pairs = [t for kv in zip(self.k, self.v) for t in kv]
-        return [t[rows.start: rows.stop].float().cpu().numpy() for t in pairs]
+        return [t[rows.start: rows.stop, :, :length].float().cpu().numpy() for t in pairs]

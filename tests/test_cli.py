@@ -73,7 +73,7 @@ def test_generate_without_prompt_is_an_error(tmp_path):
     bundle = str(tmp_path / "bundle")
     assert run_cli("onnx", "--out", bundle, "--max-seq-len", "32").returncode == 0
     out = run_cli("generate", "--bundle", bundle)
-    assert out.returncode == 1 and out.stderr.strip() == "error: give a --prompt or --token-ids"
+    assert out.returncode == 1 and out.stderr.strip() == "error: give a --prompt, --token-ids or --chat"
 
 
 def test_generate_streams_text_from_a_prompt(bundle_factory):

@@ -44,12 +44,26 @@ def test_derived_values():
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "lacks field 'low_freq_factor'"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"num_key_value_heads": 3}, "not a multiple"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),
+    ({"embedding_multiplier": 12.0}, "embedding_multiplier=12.0"),
+    ({"residual_multiplier": 0.22}, "residual_multiplier=0.22"),
+    ({"mlp_bias": True}, "mlp_bias=True"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+    ({"some_new_scaling": 2.0}, "'some_new_scaling', unknown"),
 ])
 def test_unsupported_values_name_the_field(bad, field):
     with pytest.raises(LLMExportError, match=field):
         config_from_hf(_llama(**bad))
+
+
+def test_math_keys_at_their_neutral_values_are_accepted():
+    neutral = _llama(attn_logit_softcapping=None, embedding_multiplier=1.0, residual_multiplier=1.0,
+                     mlp_bias=False, pretraining_tp=1, hidden_act="silu", unk_token_id=0,
+                     _model_name_or_path="x")
+    assert config_from_hf(neutral) == config_from_hf(_llama())
 
 
 def test_missing_required_field_is_named():

@@ -61,6 +61,12 @@ def test_position_beyond_max_seq_len_is_a_clear_error(model):
         model(torch.tensor([[1]]), torch.tensor([[64]]), torch.tensor([65]), cache.k, cache.v)
 
 
+def test_fewer_cache_buffers_than_layers_is_a_clear_error(model):
+    cache = KVCache(model.config, 1, 64)
+    with pytest.raises(LLMExportError, match="one of each per layer"):
+        model(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([1]), cache.k[:1], cache.v[:1])
+
+
 def test_max_seq_len_above_model_limit_is_rejected():
     with pytest.raises(LLMExportError, match="max_position_embeddings"):
         load_model("tiny-llama", max_seq_len=10_000)

@@ -120,7 +120,7 @@ def test_backend_step_past_the_cache_is_a_clear_error(bundle_factory, backend):
     with create_backend(Bundle.open(bundle_dir), backend) as b:
         with pytest.raises(LLMExportError, match="sequence length 65 exceeds the bundle's max_seq_len=64"):
             b.step("decode", np.zeros((1, 1), np.int64), np.array([[64]]), np.array([65]), range(1))
-        with pytest.raises(LLMExportError, match="outside max_batch=4"):
+        with pytest.raises(LLMExportError, match="outside the 4 allocated rows"):
             b.step("decode", np.zeros((1, 1), np.int64), np.array([[1]]), np.array([2]), range(4, 5))
 
 
