@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmexport import LLMExportError
+
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3g}"
@@ -80,7 +82,16 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def default_name(model: str, bundle: str | Path | None, dtype: str, device: str) -> str:
+    """Named after what was measured, never a path (a --model /abs/dir must not write outside --out)."""
+    if bundle:
+        return f"{Path(bundle).resolve().name}-{device}"
+    return f"{Path(model).name}-{dtype}-{device}"
+
+
 def write_reports(result: dict, out_dir: str | Path, name: str) -> dict[str, Path]:
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise LLMExportError(f"report name {name!r} must be a plain file name (no directories); pass --name")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "png": out / f"{name}.png"}

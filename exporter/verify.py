@@ -27,15 +27,17 @@ from llmexport.runtime.torch_backend import TorchBackend
 
 @dataclass(frozen=True)
 class Tolerance:
-    max_scaled: float  # max |got - ref| / max |ref| per step, logits and caches
+    logits: float  # max |got - ref| / max |ref| per step
+    caches: float  # the same for the valid slots of every present.*.key/value
     min_top1: float  # fraction of decisive rows whose argmax agrees
 
 
-# float32 differs from the reference by summation order only (measured on a 30-layer trained
-# model: 2.6e-6); float16 / bfloat16 graphs compute in that dtype against a float32 reference
-# (10 / 7 significand bits: relative rounding 1e-3 / 8e-3 per op, compounded over layers).
-TOLERANCES = {"float32": Tolerance(1e-4, 1.0), "float16": Tolerance(2e-2, 0.99),
-              "bfloat16": Tolerance(1e-1, 0.97)}
+# float32 differs from the reference by summation order only; float16 / bfloat16 graphs compute
+# in that dtype against a float32 reference (10 / 7 significand bits), compounded over layers.
+# Measured on SmolLM2-135M (30 layers, max_seq_len 4096, seed 0): float32 logits 3.4e-6, caches
+# 1.3e-5; float16 logits 3.4e-3, caches 2.3e-2 (deep layers' keys). Limits: about 3x those.
+TOLERANCES = {"float32": Tolerance(1e-4, 1e-4, 1.0), "float16": Tolerance(2e-2, 6e-2, 0.99),
+              "bfloat16": Tolerance(1e-1, 2.5e-1, 0.97)}
 VERIFY_BATCH = 4  # prompts per step: caches are allocated for this many rows, not max_batch
 
 
@@ -68,6 +70,7 @@ class VerifyReport:
 class _Stats:
     def __init__(self, name: str, logits: bool, tolerance: Tolerance):
         self.name, self.logits, self.tol = name, logits, tolerance
+        self.limit = tolerance.logits if logits else tolerance.caches
         self.max_abs = self.max_scaled = 0.0
         self.scaled: list[np.ndarray] = []  # a sample of scaled errors, for the percentile
         self.nonfinite = 0
@@ -79,7 +82,7 @@ class _Stats:
         self.nonfinite += int(bad.sum())
         if bad.all():
             return
-        diff = np.abs(got - ref)[~bad]
+        diff = np.abs(got[~bad] - ref[~bad])
         scaled = diff / max(float(np.abs(ref[~bad]).max()), 1e-30)
         self.max_abs = max(self.max_abs, float(diff.max()))
         self.max_scaled = max(self.max_scaled, float(scaled.max()))
@@ -87,17 +90,17 @@ class _Stats:
         if self.logits:
             top2 = np.sort(ref, axis=-1)[:, -2:]
             scale = np.abs(ref).max(axis=-1)
-            decisive = (top2[:, 1] - top2[:, 0]) > 2 * self.tol.max_scaled * scale
+            decisive = (top2[:, 1] - top2[:, 0]) > 2 * self.limit * scale
             self.agree += int((got.argmax(-1) == ref.argmax(-1))[decisive].sum())
             self.decisive += int(decisive.sum())
 
     def result(self) -> OutputError:
         top1 = self.agree / self.decisive if self.logits and self.decisive else (1.0 if self.logits else None)
         p99 = float(np.quantile(np.concatenate(self.scaled), 0.99)) if self.scaled else float("nan")
-        ok = (self.nonfinite == 0 and bool(self.scaled) and self.max_scaled <= self.tol.max_scaled
+        ok = (self.nonfinite == 0 and bool(self.scaled) and self.max_scaled <= self.limit
               and (top1 is None or top1 >= self.tol.min_top1))
         max_scaled = self.max_scaled if self.nonfinite == 0 else float("inf")
-        return OutputError(self.name, self.max_abs, max_scaled, p99, top1, self.nonfinite, self.tol.max_scaled, ok)
+        return OutputError(self.name, self.max_abs, max_scaled, p99, top1, self.nonfinite, self.limit, ok)
 
 
 def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: int = 0,

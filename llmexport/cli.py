@@ -272,13 +272,14 @@ def bench(
     warmup: int = typer.Option(2, min=0),
     repeats: int = typer.Option(5, min=1),
     out: Path = typer.Option(Path("benchmarks/results"), help="Directory for NAME.json, NAME.md, NAME.png."),
-    name: Optional[str] = typer.Option(None, help="Report file name (default: MODEL-DTYPE-DEVICE)."),
+    name: Optional[str] = typer.Option(None, help="Report file name (default: MODEL-DTYPE-DEVICE, or "
+                                                  "BUNDLE_DIR_NAME-DEVICE with --bundle)."),
     workdir: Path = typer.Option(Path("bench-work"), help="Where the exported bundle goes."),
 ) -> None:
     """Time every backend against eager torch on the same work, with the bandwidth roofline."""
     from rich.status import Status
 
-    from llmexport.benchmarks.report import markdown, write_reports
+    from llmexport.benchmarks.report import default_name, markdown, write_reports
     from llmexport.benchmarks.suite import BenchConfig, run_benchmark
 
     config = BenchConfig(model=model, dtype=dtype, target=target, device=device, prompt_lens=_ints(prompt_lens),
@@ -286,7 +287,7 @@ def bench(
                          bundle=str(bundle) if bundle else None, workdir=str(workdir))
     with Status("benchmarking", console=Console(stderr=True)) as status:
         result = run_benchmark(config, progress=lambda message: status.update(message))
-    paths = write_reports(result, out, name or f"{model}-{dtype}-{device}")
+    paths = write_reports(result, out, name or default_name(model, bundle, dtype, device))
     console.print(markdown(result))
     console.print("written: " + ", ".join(str(p) for p in paths.values()))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,9 @@ def bundle_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def run_cli(*args: str, input: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The command line as a user runs it: the entry point in a fresh process."""
+    return subprocess.run([sys.executable, "-c", "from llmexport.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=timeout, input=input)

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from llmexport.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=300)
+from tests.conftest import run_cli
 
 
 def test_help_lists_the_commands():

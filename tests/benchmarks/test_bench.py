@@ -51,6 +51,16 @@ def test_bench_smoke_run_writes_a_complete_report(tmp_path):
     assert (tmp_path / "results" / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_is_named_after_what_was_measured_and_stays_inside_out(tmp_path):
+    from llmexport import LLMExportError
+    from llmexport.benchmarks.report import default_name, write_reports
+
+    assert default_name("tiny-llama", tmp_path / "my-bundle", "float32", "cpu") == "my-bundle-cpu"
+    assert default_name("/abs/path/to/ckpt", None, "float16", "cuda") == "ckpt-float16-cuda"
+    with pytest.raises(LLMExportError, match="plain file name"):
+        write_reports({}, tmp_path, "../escape")
+
+
 def test_prompt_longer_than_the_model_allows_is_a_clear_error(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", "from llmexport.cli import main; main()", "bench", "--model", "tiny-llama",
