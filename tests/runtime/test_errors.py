@@ -34,6 +34,28 @@ def test_missing_graph_file(broken_copy):
         Session(bundle)
 
 
+def _point(bundle, field: list[str], value: str) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    node = manifest
+    for key in field[:-1]:
+        node = node[key]
+    node[field[-1]] = value
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("field", [["weights", "file"], ["tokenizer"], ["graphs", "decode", "file"]])
+@pytest.mark.parametrize("escape", ["../outside.bin", "/etc/passwd", "link-out"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_manifest_paths_cannot_leave_the_bundle(broken_copy, tmp_path, field, escape, backend):
+    bundle = broken_copy()
+    outside = tmp_path / "outside.bin"
+    shutil.copy(bundle / "weights.bin", outside)  # a real file, so only the path check can refuse it
+    (bundle / "link-out").symlink_to(outside)
+    _point(bundle, field, escape)
+    with pytest.raises(LLMExportError, match="only relative paths inside the bundle|resolves outside the bundle"):
+        Session(bundle, backend=backend)
+
+
 def test_corrupt_graph_file(broken_copy):
     bundle = broken_copy()
     (bundle / "prefill.onnx").write_bytes(b"not a protobuf" * 10)
