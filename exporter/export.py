@@ -7,7 +7,6 @@ place. Host memory stays at a few tensors whatever the model size.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -27,6 +26,7 @@ import llmexport
 from llmexport import LLMExportError
 from llmexport.model.config import ModelConfig, check_dtype
 from llmexport.model.weights import ModelSource, open_source
+from llmexport.runtime.bundle import read_json
 from llmexport.runtime.generation_config import eos_token_ids, sampling_defaults
 
 from . import attention_function
@@ -149,12 +149,10 @@ def _copy_side_files(source: ModelSource, bundle_dir: Path) -> dict:
     files = source.side_files()
     for name, path in files.items():
         shutil.copy(path, bundle_dir / name)
-    generation = {}
-    if "generation_config.json" in files:
-        try:
-            generation = json.loads(files["generation_config.json"].read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LLMExportError(f"cannot read {files['generation_config.json']}: {e}; fix or remove it") from None
+    generation = read_json(files.get("generation_config.json"))
+    if generation is None and "generation_config.json" in files:
+        raise LLMExportError(f"{files['generation_config.json']} is not a JSON object; fix or remove it")
+    generation = generation or {}
     eos = dict.fromkeys(eos_token_ids(generation) + source.config.eos_token_ids)
     present = lambda name: name if name in files else None  # noqa: E731
     return {

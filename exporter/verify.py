@@ -49,7 +49,7 @@ class OutputError:
     max_scaled: float  # the statistic judged: max over elements of |got - ref| / scale
     p99_scaled: float
     top1: float | None  # logits only: agreement over decisive rows
-    nonfinite: int  # NaN/Inf elements on the bundle's side (any fails)
+    nonfinite: int  # elements that are NaN/Inf on either side (any fails)
     tolerance: float
     ok: bool
 

@@ -41,6 +41,17 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     return manifest
 
 
+def read_json(path: Path | None) -> dict | None:
+    """A JSON object from a bundle or checkpoint side file (None for no path or a non-object)."""
+    if path is None:
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LLMExportError(f"cannot read {path}: {e}") from None
+    return value if isinstance(value, dict) else None
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: Path
@@ -59,7 +70,7 @@ class Bundle:
         for file in files:
             if not bundle.file(file).is_file():
                 raise LLMExportError(f"bundle {bundle.path} is missing {file}; re-export the bundle")
-        weights = bundle.path / bundle.manifest["weights"]["file"]
+        weights = bundle.weights_path
         if weights.stat().st_size != bundle.manifest["weights"]["bytes"]:
             raise LLMExportError(f"{weights} has {weights.stat().st_size} bytes, the manifest says "
                                  f"{bundle.manifest['weights']['bytes']}: the file is truncated or replaced; re-export")

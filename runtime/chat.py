@@ -17,6 +17,8 @@ from pathlib import Path
 
 from llmexport import LLMExportError
 
+from .bundle import read_json
+
 # The named special tokens transformers passes to every template (SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 Message = Mapping[str, object]
@@ -93,10 +95,10 @@ class ChatTemplate:
     def from_files(cls, template_file: Path | None, tokenizer_config: Path | None,
                    special_tokens_map: Path | None) -> "ChatTemplate | None":
         """The checkpoint's (or bundle's) template, or None when it has none."""
-        config = _read_json(tokenizer_config)
+        config = read_json(tokenizer_config)
         text = template_file.read_text(encoding="utf-8") if template_file else None
         template = resolve_template(config, text)
-        return cls(template, special_tokens(config, _read_json(special_tokens_map))) if template else None
+        return cls(template, special_tokens(config, read_json(special_tokens_map))) if template else None
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         check_messages(messages)
@@ -118,12 +120,3 @@ def check_messages(messages: Sequence[Message]) -> None:
         if not isinstance(m.get("content"), (str, list)):
             raise LLMExportError(f"message {i} needs a 'content' string")
 
-
-def _read_json(path: Path | None) -> dict | None:
-    if path is None:
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LLMExportError(f"cannot read {path}: {e}") from None
-    return value if isinstance(value, dict) else None

@@ -29,9 +29,9 @@ from llmexport import LLMExportError
 from llmexport.exporter import io_names as io
 
 from .backend import Backend
-from .bundle import Bundle
+from .bundle import NUMPY_DTYPES, Bundle
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+_RUNS_DTYPES = ("float32", "float16")  # bfloat16 bundles are refused (see README)
 PREFILL, DECODE = io.PREFILL, io.DECODE
 
 
@@ -49,7 +49,7 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(bundle, cache_rows, threads)
         self._prepack = prepack
         ort = _ort()
-        if bundle.dtype not in _NP_DTYPES:
+        if bundle.dtype not in _RUNS_DTYPES:
             raise LLMExportError(f"the ONNX Runtime backend runs float32 and float16 bundles, not {bundle.dtype}; "
                                  f"re-export with --dtype float16")
         if device not in ("cpu", "cuda"):
@@ -62,7 +62,7 @@ class OnnxRuntimeBackend(Backend):
                                  "pip install onnxruntime-gpu, or use --device cpu")
         self.device = device
         self.name = f"onnxruntime-{device}"
-        self._dtype = _NP_DTYPES[bundle.dtype]
+        self._dtype = NUMPY_DTYPES[bundle.dtype]
         self._weights = self._load_weights(ort)
         self._graph = cuda_graph and device == "cuda"
         if decode_graph is None:

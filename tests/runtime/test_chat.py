@@ -147,3 +147,13 @@ def test_cli_chat_and_generate_chat(chat_bundle):
                          input="w5 w6\n/reset\nw7\n/exit\n")
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 2  # one reply per message
+
+
+def test_a_generation_config_that_is_not_an_object_is_a_clear_export_error(tmp_path):
+    from llmexport.exporter.export import export_bundle
+
+    ckpt = write_hf_checkpoint("llama2", tmp_path / "ckpt")
+    (ckpt / "generation_config.json").write_text("[2]")
+    with pytest.raises(LLMExportError, match="generation_config.json is not a JSON object"):
+        export_bundle(ckpt, tmp_path / "b", max_seq_len=32)
+    assert not (tmp_path / "b").exists()
