@@ -20,6 +20,7 @@ from llmexport.model.llama import LlamaModel
 from llmexport.model.weights import TORCH_DTYPES
 
 from . import io_names as io
+from . import layers
 from .targets import translation_table
 
 OPSET = 21
@@ -40,7 +41,19 @@ class _Phase(nn.Module):
 
 
 def trace(config: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, phase: str, target: str) -> ir.Model:
-    """The graph for `phase` with initializers named like the checkpoint (+ rope tables)."""
+    """The graph for `phase` with initializers named like the checkpoint (+ rope tables): one
+    layer of each kind traced and repeated (exporter/layers.py), or every layer traced when the
+    traced graph does not allow that."""
+    small, kind_of = layers.kinds(config)
+    if small.num_layers < config.num_layers:
+        model = layers.repeat_layers(_trace(small, dtype, max_seq_len, max_batch, phase, target), small, kind_of)
+        if model is not None:
+            _check_signature(model, config, phase)
+            return model
+    return _trace(config, dtype, max_seq_len, max_batch, phase, target)
+
+
+def _trace(config: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, phase: str, target: str) -> ir.Model:
     with torch.device("meta"):
         net = LlamaModel(config, max_seq_len).to(TORCH_DTYPES[dtype]).eval()
     # Examples of size >= 2 on every dynamic axis: a size-1 example gets specialised to 1.

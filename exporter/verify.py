@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmexport import LLMExportError
 from llmexport.exporter import io_names as io
+from llmexport.model.config import ModelConfig
+from llmexport.model.weights import ModelSource, open_source
 from llmexport.runtime.bundle import Bundle
 from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from llmexport.runtime.torch_backend import TorchBackend
@@ -104,8 +107,23 @@ class _Stats:
         return OutputError(self.name, self.max_abs, max_scaled, p99, top1, self.nonfinite, self.limit, ok)
 
 
+def reference_source(bundle_dir, model) -> ModelSource:
+    """The model a bundle was exported from (preset name or checkpoint directory), checked to be
+    that model: the reference then runs its weights instead of the bundle's weights.bin, so a
+    weight damaged or changed after export shows up (`verify --model`)."""
+    bundle = Bundle.open(bundle_dir)
+    source = open_source(model, bundle.manifest["model"].get("seed") or 0)
+    theirs, ours = source.config.to_dict(), ModelConfig.from_dict(bundle.config).to_dict()
+    differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    if differ:
+        raise LLMExportError(f"--model {model} is not the model {bundle_dir} was exported from (config differs in "
+                             f"{', '.join(differ[:5])}); pass the checkpoint or preset it was exported from")
+    return source
+
+
 def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: int = 0,
-                  device: str = "cpu", threads: int | None = None) -> VerifyReport:
+                  device: str = "cpu", threads: int | None = None, source: ModelSource | None = None) -> VerifyReport:
+    """`source` (see reference_source): the reference's weights; default the bundle's own."""
     bundle = Bundle.open(bundle_dir)
     tol = TOLERANCES[bundle.dtype]
     rng = np.random.default_rng(seed)
@@ -118,7 +136,7 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
     with OnnxRuntimeBackend(bundle, device, decode_graph=True, cache_rows=rows_per_step, threads=threads,
                             prepack=False) as onnx_side, \
             TorchBackend(bundle, "cpu", "float32", cache_rows=rows_per_step, threads=threads,
-                         cache_len=longest + decode_steps) as reference:
+                         cache_len=longest + decode_steps, source=source) as reference:
         for start in range(0, prompts, rows_per_step):
             batch = min(rows_per_step, prompts - start)
             lengths = rng.integers(1, longest + 1, batch)

@@ -117,12 +117,16 @@ def verify(
     seed: int = typer.Option(0, min=0),
     device: str = typer.Option("cpu", help="ONNX Runtime device: cpu or cuda."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for each side (default: all cores)."),
+    model: Optional[str] = typer.Option(None, help="Preset or checkpoint the bundle was exported from: the "
+                                                   "reference runs its weights instead of the bundle's."),
+    bisect: bool = typer.Option(False, help="Always compare layer by layer (done anyway when outputs disagree)."),
 ) -> None:
     """Run the bundle's graphs in ONNX Runtime against the torch reference; non-zero exit past tolerance."""
-    from llmexport.exporter.verify import verify_bundle
+    from llmexport.exporter.verify import reference_source, verify_bundle
 
+    source = reference_source(bundle, model) if model else None
     report = verify_bundle(bundle, prompts=prompts, decode_steps=decode_steps, seed=seed, device=device,
-                           threads=threads)
+                           threads=threads, source=source)
     table = Table(title=f"{report.bundle}: {report.target} {report.dtype}, {report.prompts} prompts, "
                         f"{report.decode_steps} decode steps", box=None)
     for column in ("output", "max abs", "max scaled", "p99 scaled", "tolerance", "top-1", "NaN/Inf", "ok"):
@@ -131,8 +135,43 @@ def verify(
         table.add_row(r.output, f"{r.max_abs:.3g}", f"{r.max_scaled:.3g}", f"{r.p99_scaled:.3g}", f"{r.tolerance:.3g}",
                       "-" if r.top1 is None else f"{r.top1:.4f}", str(r.nonfinite), "yes" if r.ok else "NO")
     console.print(table)
+    if bisect or not report.ok:
+        _print_bisect(bundle, source, seed, threads)
     if not report.ok:
         raise LLMExportError("verification failed: errors above the tolerance for " + report.dtype)
+
+
+def _print_bisect(bundle: Path, source, seed: int, threads: Optional[int]) -> None:
+    from llmexport.exporter.bisect import bisect_bundle
+
+    report = bisect_bundle(bundle, source=source, seed=seed, threads=threads)
+    table = Table(title=f"bisect: one {report.tokens}-token prompt, prefill, layer by layer "
+                        f"(worst probe of each; tolerance {report.tolerance:.3g})", box=None)
+    for column in ("layer", "worst probe", "max |ref|", "max |onnx|", "max scaled", "NaN/Inf", "status"):
+        table.add_column(column, no_wrap=True)
+
+    def row(layer, p):
+        status = "DIVERGES" if p.diverges else "ok"
+        status += ", OVERFLOW" if p.overflow else ""
+        table.add_row(layer, p.label, f"{p.max_ref:.3g}", f"{p.max_onnx:.3g}", f"{p.scaled:.3g}", str(p.nonfinite),
+                      status)
+
+    for layer, worst in report.layers():
+        row(layer, worst)
+    console.print(table)
+    first = report.first_divergence
+    if first:
+        console.print(f"first divergence: layer {first.layer}, at {first.label} (max scaled error {first.scaled:.3g} "
+                      f"> {report.tolerance:.3g}); probes of that layer:")
+        for p in report.probes:
+            if p.layer == first.layer:
+                console.print(f"  {p.label:50} max scaled {p.scaled:.3g}{'  <- diverges' if p.diverges else ''}")
+    else:
+        console.print("bisect: every probe within tolerance")
+    if report.first_overflow:
+        o = report.first_overflow
+        console.print(f"overflow: first at layer {o.layer}, {o.label} (max |x| {o.max_onnx:.3g}, {o.nonfinite} "
+                      f"NaN/Inf; float16 tops out at 65504)")
 
 
 def _sampling(session, **given):

@@ -63,12 +63,12 @@ class OnnxRuntimeBackend(Backend):
         self.device = device
         self.name = f"onnxruntime-{device}"
         self._dtype = NUMPY_DTYPES[bundle.dtype]
-        self._weights = self._load_weights(ort)
+        self._weights = ort_weights(bundle, device)
         self._graph = cuda_graph and device == "cuda"
         if decode_graph is None:
             decode_graph = device == "cuda"
-        self._sessions = {PREFILL: self._session(ort, PREFILL)}
-        self._sessions[DECODE] = self._session(ort, DECODE) if decode_graph else self._sessions[PREFILL]
+        self._sessions = {PREFILL: self._session(PREFILL)}
+        self._sessions[DECODE] = self._session(DECODE) if decode_graph else self._sessions[PREFILL]
         layers = bundle.num_layers
         sets = 1 if bundle.cache_in_place else 2
         shape = bundle.cache_shape(self.cache_rows)
@@ -79,36 +79,10 @@ class OnnxRuntimeBackend(Backend):
 
     # -- loading -----------------------------------------------------------------------------
 
-    def _load_weights(self, ort) -> dict[str, object]:
-        weights = {}
-        for name, array in self.bundle.weights.items():
-            if self.device == "cuda":
-                weights[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
-            else:  # points into the bundle's memory map, which the Bundle keeps alive
-                weights[name] = ort.OrtValue.ortvalue_from_numpy(array)
-        return weights
-
-    def _session(self, ort, phase: str):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if not self._prepack:
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-        for name, value in self._weights.items():
-            options.add_initializer(name, value)
-        if self.device == "cuda":
-            cuda = {"device_id": "0", "enable_cuda_graph": "1" if self._graph and phase == DECODE else "0"}
-            providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        path = self.bundle.graph_path(phase)
-        try:
-            return ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LLMExportError(f"cannot load {path}: {first}; the file is corrupt, re-export the bundle") from None
+    def _session(self, phase: str):
+        return create_session(self.bundle, self._weights, self.bundle.graph_path(phase), device=self.device,
+                              threads=self.threads, prepack=self._prepack,
+                              cuda_graph=self._graph and phase == DECODE)
 
     def _zeros(self, shape):
         if self.device == "cuda":
@@ -187,3 +161,44 @@ class OnnxRuntimeBackend(Backend):
         self._sessions.clear()
         self._caches.clear()
         self._weights.clear()
+
+
+def ort_weights(bundle: Bundle, device: str = "cpu") -> dict[str, object]:
+    """OrtValues of every weight: views of the bundle's memory map on CPU (the Bundle keeps it
+    alive), one device copy on CUDA."""
+    ort = _ort()
+    if device == "cuda":
+        return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0)
+                for name, a in bundle.weights.items()}
+    return {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in bundle.weights.items()}
+
+
+def create_session(bundle: Bundle, weights: dict[str, object], graph, *, device: str = "cpu",
+                   threads: int | None = None, prepack: bool = True, cuda_graph: bool = False):
+    """An InferenceSession of `graph` (a path inside the bundle, or serialized model bytes whose
+    external data refers to the bundle's weight file) with `weights` (OrtValues by initializer
+    name) handed over instead of read from disk."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if isinstance(graph, bytes):  # external data paths resolve against the bundle, not the cwd
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(bundle.path.resolve()))
+    for name, value in weights.items():
+        options.add_initializer(name, value)
+    if device == "cuda":
+        cuda = {"device_id": "0", "enable_cuda_graph": "1" if cuda_graph else "0"}
+        providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    where = "a modified copy of a graph" if isinstance(graph, bytes) else str(graph)
+    try:
+        return ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own untyped errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LLMExportError(f"cannot load {where}: {first}; the file is corrupt, re-export the bundle") from None

@@ -56,11 +56,14 @@ class TorchBackend(Backend):
     same buffers, and only the small token/position inputs are copied into fixed tensors."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", dtype: str | None = None, cuda_graph: bool = False,
-                 cache_rows: int | None = None, threads: int | None = None, cache_len: int | None = None):
+                 cache_rows: int | None = None, threads: int | None = None, cache_len: int | None = None,
+                 source=None):
         """`dtype` overrides the bundle's compute dtype (verify runs the reference in float32);
         `cache_len` allocates fewer cache slots than max_seq_len (the eager model needs only as
         many as the longest sequence it will see; verify uses this to stay small).
-        `threads` sets torch's intra-op threads for the whole process (torch has no per-model knob)."""
+        `threads` sets torch's intra-op threads for the whole process (torch has no per-model knob).
+        `source` (a model.weights.ModelSource) runs the model the bundle was exported from instead
+        of the bundle's own weights (verify --model: finds weights damaged after export)."""
         super().__init__(bundle, cache_rows, threads)
         try:
             import torch
@@ -82,7 +85,8 @@ class TorchBackend(Backend):
         self._cuda_graph = cuda_graph
         self._graphs: dict[tuple[int, int], tuple] = {}
         dtype = dtype or bundle.dtype
-        self.model = load_model(BundleSource(bundle), dtype=dtype, max_seq_len=bundle.max_seq_len, device=device)
+        self.model = load_model(source or BundleSource(bundle), dtype=dtype, max_seq_len=bundle.max_seq_len,
+                                device=device)
         shape = bundle.cache_shape(self.cache_rows)
         if cache_len is not None:
             shape = (*shape[:2], min(cache_len, bundle.max_seq_len), shape[3])
