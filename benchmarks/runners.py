@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmexport.exporter.io_names import DECODE, PREFILL
+from llmexport.runtime.bundle.names import DECODE, PREFILL
 
 
 class Unavailable(Exception):

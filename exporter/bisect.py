@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 from torch import nn
 
-from llmexport.exporter import io_names as io
+from llmexport.runtime.bundle import names as io
 from llmexport.model.llama import DecoderLayer, RMSNorm
 from llmexport.runtime.bundle import NUMPY_DTYPES, Bundle
 from llmexport.runtime.onnxruntime_backend import create_session, ort_weights

@@ -26,12 +26,13 @@ import llmexport
 from llmexport import LLMExportError
 from llmexport.model.config import ModelConfig, check_dtype
 from llmexport.model.weights import ModelSource, open_source
+from llmexport.runtime.bundle import names as io
 from llmexport.runtime.bundle import read_json
+from llmexport.runtime.bundle.manifest import write_manifest
+from llmexport.runtime.bundle.writer import check_out_dir, staging
 from llmexport.runtime.generation_config import eos_token_ids, sampling_defaults
 
 from . import attention_function
-from . import io_names as io
-from .bundle import check_out_dir, io_spec, staging, write_manifest
 from .contrib_schemas import register_contrib_schemas
 from .targets import check_target
 from .trace import trace
@@ -118,6 +119,7 @@ def export_bundle(
             graph_files[phase] = _graph_manifest(graph, path.name, config, target)
         progress("optimize", 2, 2)
         side = _copy_side_files(source, tmp)
+        files = [*(g["file"] for g in graph_files.values()), io.WEIGHTS_FILE, *source.side_files()]
         write_manifest(tmp, {
             "llmexport_version": llmexport.__version__,
             "model": {"name": source.name, "config": config.to_dict(), "seed": None if source.checkpoint_dir else seed},
@@ -138,7 +140,7 @@ def export_bundle(
             "engines": {},
             "export": {"seconds": round(time.perf_counter() - started, 3), "torch": torch.__version__,
                        "onnx": onnx.__version__, "opset": graphs[io.PREFILL].opset_imports.get("", None)},
-        })
+        }, files)
     return out
 
 
@@ -162,6 +164,16 @@ def _copy_side_files(source: ModelSource, bundle_dir: Path) -> dict:
                  "special_tokens_map": present("special_tokens_map.json")},
         "generation": {"file": present("generation_config.json"), "defaults": sampling_defaults(generation)},
     }
+
+
+_DTYPE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
+                ir.DataType.INT64: "int64", ir.DataType.INT32: "int32"}
+
+
+def io_spec(values) -> list[dict]:
+    """[{name, dtype, shape}] with symbolic dims as strings."""
+    return [{"name": v.name, "dtype": _DTYPE_NAMES[v.dtype],
+             "shape": [d if isinstance(d, int) else str(d) for d in v.shape]} for v in values]
 
 
 def _graph_manifest(graph: ir.Model, file: str, config: ModelConfig, target: str) -> dict:

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from llmexport.model.config import ModelConfig
 
-from . import io_names as io
+from llmexport.runtime.bundle import names as io
 
 _SCOPE = re.compile(r"/net\.model\.layers\.(\d+): ")
 _LAYER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.")

@@ -14,15 +14,13 @@ parser imports the function body (correct, unfused).
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from llmexport import LLMExportError
-from llmexport.runtime.bundle import MANIFEST, Bundle
+from llmexport.runtime.bundle import Bundle
+from llmexport.runtime.bundle import names as io
+from llmexport.runtime.bundle.manifest import update_manifest
 from llmexport.runtime.tensorrt_backend import import_tensorrt
-
-from . import io_names as io
 
 ENGINE_DIR = "engines"
 
@@ -90,9 +88,6 @@ def _profile_shapes(bundle: Bundle, phase: str) -> dict[str, tuple[tuple[int, ..
 
 
 def _record(bundle: Bundle, engine: dict) -> None:
-    """Add the engine to manifest.json atomically (write a temporary file, then rename)."""
-    manifest = dict(bundle.manifest)
-    manifest["engines"] = {**manifest.get("engines", {}), "tensorrt": engine}
-    tmp = bundle.path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, bundle.path / MANIFEST)
+    """Add the engine (and its hashes) to manifest.json atomically, through the format module."""
+    engines = {**bundle.manifest.get("engines", {}), "tensorrt": engine}
+    update_manifest(bundle.path, bundle.manifest, {"engines": engines}, [engine["file"], engine["timing_cache"]])

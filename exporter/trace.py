@@ -1,6 +1,6 @@
 """Trace the reference model on `meta` into one ONNX graph per phase (no weights touched).
 
-Both phases take the same inputs (io_names.graph_inputs) and return the last real token's
+Both phases take the same inputs (runtime/bundle/names.py: graph_inputs) and return the last real token's
 logits plus the updated caches. Prefill has dynamic batch and sequence; decode has sequence
 fixed to 1, so for a given batch every shape is static (CUDA-graph capturable).
 """
@@ -19,7 +19,7 @@ from llmexport.model.config import ModelConfig
 from llmexport.model.llama import LlamaModel
 from llmexport.model.weights import TORCH_DTYPES
 
-from . import io_names as io
+from llmexport.runtime.bundle import names as io
 from . import layers
 from .targets import translation_table
 
@@ -35,7 +35,7 @@ class _Phase(nn.Module):
         self.net = net
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, seq_lens: Tensor, *caches: Tensor):
-        last = seq_lens - 1 - position_ids[:, 0]  # (B,) index of the last real token in this step
+        last = io.logits_index(seq_lens, position_ids)  # (B,) the last real token in this step
         logits, k, v = self.net(input_ids, position_ids, seq_lens, list(caches[0::2]), list(caches[1::2]), last)
         return (logits, *(t for pair in zip(k, v) for t in pair))
 

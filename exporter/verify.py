@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmexport import LLMExportError
-from llmexport.exporter import io_names as io
+from llmexport.runtime.bundle import names as io
 from llmexport.model.config import ModelConfig
 from llmexport.model.weights import ModelSource, open_source
 from llmexport.runtime.bundle import Bundle

@@ -11,9 +11,7 @@ removed, so no runtime ever materialises a transposed copy.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx_ir as ir
@@ -22,22 +20,10 @@ import torch
 from llmexport import LLMExportError
 from llmexport.model.rope import rope_tables
 from llmexport.model.weights import TORCH_DTYPES, ModelSource
+from llmexport.runtime.bundle import names as io
+from llmexport.runtime.bundle.weights import WeightEntry, WeightWriter
 
-from . import io_names as io
-
-ALIGNMENT = 64 * 1024  # offsets a runtime can mmap on any OS
 _IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
-
-
-@dataclass(frozen=True)
-class WeightEntry:
-    name: str
-    offset: int
-    length: int
-    shape: tuple[int, ...]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def fold_weight_transposes(model: ir.Model) -> None:
@@ -49,7 +35,7 @@ def fold_weight_transposes(model: ir.Model) -> None:
                             for n in users):
             continue
         rows, cols = value.shape
-        name, shape = value.name + io.TRANSPOSED, ir.Shape([cols, rows])
+        name, shape = io.transposed(value.name), ir.Shape([cols, rows])
         # Data is attached by attach_weights once the weight file is written.
         placeholder = ir.ExternalTensor(io.WEIGHTS_FILE, 0, 0, value.dtype, shape=shape, name=name)
         stored = ir.Value(name=name, shape=shape, type=value.type, const_value=placeholder)
@@ -60,37 +46,24 @@ def fold_weight_transposes(model: ir.Model) -> None:
         graph.initializers.pop(value.name)
 
 
-def _source_name(name: str) -> str:
-    return name.removesuffix(io.TRANSPOSED)
-
-
 def write_weights(source: ModelSource, dtype: str, max_seq_len: int, wanted: Iterable[str], path: Path,
                   on_tensor: Callable[[str], None] = lambda name: None) -> dict[str, WeightEntry]:
     """Stream every tensor in `wanted` (graph initializer names) into `path`."""
     wanted = set(wanted)
-    by_source = {_source_name(n): n for n in wanted}
-    entries: dict[str, WeightEntry] = {}
-    try:
-        with open(path, "wb") as f:
-            for name, tensor in _tensors(source, dtype, max_seq_len):
-                if name not in by_source:
-                    continue
-                graph_name = by_source[name]
-                if graph_name.endswith(io.TRANSPOSED):
-                    tensor = tensor.t()
-                data = tensor.contiguous().view(torch.uint8).numpy()
-                offset = -f.tell() % ALIGNMENT + f.tell()
-                f.seek(offset)
-                f.write(data.data)
-                entries[graph_name] = WeightEntry(graph_name, offset, data.nbytes, tuple(tensor.shape))
-                on_tensor(graph_name)
-    except OSError as e:
-        reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-        raise LLMExportError(f"cannot write {path}: {reason}; free space or choose another --out") from None
-    missing = wanted - set(entries)
+    by_source = {io.checkpoint_name(n)[0]: n for n in wanted}
+    with WeightWriter(path) as writer:
+        for name, tensor in _tensors(source, dtype, max_seq_len):
+            if name not in by_source:
+                continue
+            graph_name = by_source[name]
+            if io.checkpoint_name(graph_name)[1]:
+                tensor = tensor.t()
+            writer.add(graph_name, tensor.contiguous().view(torch.uint8).numpy(), tuple(tensor.shape))
+            on_tensor(graph_name)
+    missing = wanted - set(writer.entries)
     if missing:
         raise LLMExportError(f"internal: no data for graph initializers {sorted(missing)}")
-    return entries
+    return writer.entries
 
 
 def _tensors(source: ModelSource, dtype: str, max_seq_len: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -120,8 +121,14 @@ def verify(
     model: Optional[str] = typer.Option(None, help="Preset or checkpoint the bundle was exported from: the "
                                                    "reference runs its weights instead of the bundle's."),
     bisect: bool = typer.Option(False, help="Always compare layer by layer (done anyway when outputs disagree)."),
+    integrity: bool = typer.Option(False, help="Only check every file's sha256 against the manifest (no torch, "
+                                               "no graphs run); exits 1 naming each modified file and chunk."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Hashing threads for --integrity (default: up to 8)."),
 ) -> None:
     """Run the bundle's graphs in ONNX Runtime against the torch reference; non-zero exit past tolerance."""
+    if integrity:
+        _check_integrity(bundle, workers)
+        return
     from llmexport.exporter.verify import reference_source, verify_bundle
 
     source = reference_source(bundle, model) if model else None
@@ -139,6 +146,20 @@ def verify(
         _print_bisect(bundle, source, seed, threads)
     if not report.ok:
         raise LLMExportError("verification failed: errors above the tolerance for " + report.dtype)
+
+
+def _check_integrity(bundle: Path, workers: Optional[int]) -> None:
+    import time
+
+    from llmexport.runtime.bundle import Bundle
+
+    start = time.perf_counter()
+    opened = Bundle.open(bundle)
+    opened.check_integrity(workers)
+    record = opened.manifest["integrity"]
+    total = sum(f["bytes"] for f in record["files"].values())
+    console.print(f"{bundle}: {len(record['files'])} files, {total / 2**30:.2f} GiB, every sha256 matches "
+                  f"({time.perf_counter() - start:.1f} s)")
 
 
 def _print_bisect(bundle: Path, source, seed: int, threads: Optional[int]) -> None:
@@ -198,6 +219,7 @@ def generate(
     backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
+    check_integrity: bool = typer.Option(False, help="Hash every bundle file against its manifest first."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON result instead of streaming text."),
 ) -> None:
     """Generate from a bundle, streaming text as it is produced."""
@@ -210,7 +232,8 @@ def generate(
         raise LLMExportError("--system needs --chat")
     if not prompts and chat is None:
         raise LLMExportError("give a --prompt, --token-ids or --chat")
-    with Session(bundle, backend=backend, device=device, threads=threads) as session:
+    with Session(bundle, backend=backend, device=device, threads=threads,
+                 check_integrity=check_integrity) as session:
         params = _sampling(session, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop) or None,
                            ignore_eos=ignore_eos or None)
@@ -243,12 +266,14 @@ def chat_command(
     backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: Optional[int] = typer.Option(None, min=1),
+    check_integrity: bool = typer.Option(False, help="Hash every bundle file against its manifest first."),
 ) -> None:
     """Interactive multi-turn chat: type a message, Enter sends it; /reset forgets, /exit or Ctrl-D ends."""
     from llmexport.runtime.session import Session
 
     interactive = sys.stdin.isatty()
-    with Session(bundle, backend=backend, device=device, threads=threads) as session:
+    with Session(bundle, backend=backend, device=device, threads=threads,
+                 check_integrity=check_integrity) as session:
         session.chat_template  # noqa: B018  (fails now, with its reason, if the bundle has none)
         params = _sampling(session, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         start = [{"role": "system", "content": system}] if system is not None else []
@@ -381,10 +406,40 @@ def _parse_ids(text: str) -> list[int]:
         raise LLMExportError(f"--token-ids {text!r} is not a comma-separated list of integers") from None
 
 
+BUG_EXIT = 70  # EX_SOFTWARE: an internal error, not the user's
+
+
+def _crash_report() -> Path:
+    """Write the current exception's traceback and the command line to a file; returns its path."""
+    import tempfile
+    import time
+    import traceback
+
+    text = f"llmexport {__import__('llmexport').__version__}\ncommand: {sys.argv!r}\n\n{traceback.format_exc()}"
+    name = f"llmexport-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    for folder in (Path.home() / ".cache" / "llmexport", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return Path("(could not be written)")
+
+
 def main() -> None:
-    """Console entry point: project errors become one line and exit status 1."""
+    """Console entry point: project errors become one line and exit status 1; anything else is a
+    bug, reported in one line naming the file that holds its traceback (exit status 70)."""
     try:
         app()
     except LLMExportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001  (the last line of defence: never a traceback)
+        report = _crash_report()
+        print(f"error: internal error ({type(e).__name__}: {str(e)[:200]}); this is a bug in llmexport, please "
+              f"report it with {report}", file=sys.stderr)
+        sys.exit(BUG_EXIT)

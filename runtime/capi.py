@@ -23,6 +23,24 @@ from llmexport import LLMExportError
 HEADER = Path(__file__).with_name("llmexport.h")
 MODULE = "_llmexport_capi"
 OK, INVALID_ARGUMENT, BUNDLE, LIMIT, INTERNAL = 0, 1, 2, 3, 4
+# llmx_sampling_init writes exactly these fields, forever (the first published layout); fields
+# added later are filled only by llmx_sampling_init_size, which is told the caller's size.
+SAMPLING_V0 = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "ignore_eos")
+MAX_STRUCT_SIZE = 64 * 1024
+
+
+def fields_within(ffi, ctype: str, size: int) -> list[str]:
+    """Fields of struct `ctype` (after struct_size) that lie entirely in its first `size` bytes:
+    what a caller compiled against an older, smaller layout really has."""
+    return [name for name, field in ffi.typeof(ctype).fields[1:]
+            if field.offset + ffi.sizeof(field.type) <= size]
+
+
+def check_struct_size(ffi, ctype: str, size: int) -> None:
+    first = ffi.typeof(ctype).fields[1][1]
+    if not first.offset + ffi.sizeof(first.type) <= size <= MAX_STRUCT_SIZE:
+        raise LLMExportError(f"{ctype}.struct_size={size} is not a struct size; set it with {ctype}_init_size"
+                             f"(p, sizeof *p)")
 
 
 def declarations() -> str:
@@ -61,15 +79,32 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
     def lookup(handle) -> tuple[Session, threading.Lock] | None:
         return sessions.get(int(ffi.cast("uintptr_t", handle)))
 
+    def given(params, ctype: str) -> dict:
+        """The fields the caller's struct really has (per its struct_size), by name."""
+        check_struct_size(ffi, ctype, params.struct_size)
+        return {name: getattr(params, name) for name in fields_within(ffi, ctype, params.struct_size)}
+
     def sampling(params) -> SamplingParams:
         if params == ffi.NULL:
             return SamplingParams()
-        if params.struct_size < ffi.sizeof("llmx_sampling"):
-            raise LLMExportError("llmx_sampling.struct_size is too small: initialise it with llmx_sampling_init")
-        return SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                              top_k=params.top_k, top_p=params.top_p,
-                              repetition_penalty=params.repetition_penalty, seed=params.seed,
-                              ignore_eos=bool(params.ignore_eos))
+        fields = given(params, "llmx_sampling")
+        if "ignore_eos" in fields:
+            fields["ignore_eos"] = bool(fields["ignore_eos"])
+        return SamplingParams(**fields)
+
+    def init(ptr, ctype: str, size: int, defaults: dict, only: tuple[str, ...] | None = None) -> None:
+        """Write struct_size and the defaults of the fields that fit in `size` bytes."""
+        if ptr == ffi.NULL or size < ffi.typeof(ctype).fields[0][1].offset + ffi.sizeof("size_t"):
+            return
+        size = min(size, ffi.sizeof(ctype))
+        ptr.struct_size = size
+        for name in fields_within(ffi, ctype, size):
+            if only is None or name in only:
+                setattr(ptr, name, defaults[name])
+
+    def sampling_defaults() -> dict:
+        d = SamplingParams()
+        return {name: int(v) if isinstance(v, bool) else v for name, v in vars(d).items() if name in SAMPLING_V0}
 
     def guarded(fn):
         """Exceptions become status codes; nothing escapes into C."""
@@ -94,35 +129,51 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
 
     @ffi.def_extern()
     def llmx_sampling_init(params):
-        if params != ffi.NULL:
-            d = SamplingParams()
-            params.struct_size = ffi.sizeof("llmx_sampling")
-            params.max_new_tokens, params.temperature, params.top_k = d.max_new_tokens, d.temperature, d.top_k
-            params.top_p, params.repetition_penalty, params.seed = d.top_p, d.repetition_penalty, d.seed
-            params.ignore_eos = int(d.ignore_eos)
+        v0_end = max(f.offset + ffi.sizeof(f.type) for n, f in ffi.typeof("llmx_sampling").fields if n in SAMPLING_V0)
+        init(params, "llmx_sampling", v0_end, sampling_defaults(), SAMPLING_V0)
+
+    @ffi.def_extern()
+    def llmx_sampling_init_size(params, size):
+        init(params, "llmx_sampling", size, sampling_defaults())
+
+    @ffi.def_extern()
+    def llmx_open_options_init_size(options, size):
+        init(options, "llmx_open_options", size, {"backend": ffi.NULL, "device": ffi.NULL, "check_integrity": 0,
+                                                  "threads": 0})
 
     @ffi.def_extern()
     def llmx_free_string(s):
         if s != ffi.NULL:
             lib.free(s)
 
-    @guarded
-    def llmx_open(bundle_dir, backend, device, out):
+    def open_session(bundle_dir, out, backend=None, device=None, check_integrity=False, threads=0) -> int:
         if out == ffi.NULL or bundle_dir == ffi.NULL:
             return fail(INVALID_ARGUMENT, "llmx_open: bundle_dir and out must not be NULL")
         out[0] = ffi.NULL
-        backend_name, device_name = text(backend, "onnxruntime"), text(device, "cpu")
+        backend_name, device_name = text(backend or ffi.NULL, "onnxruntime"), text(device or ffi.NULL, "cpu")
         if backend_name not in BACKENDS or device_name not in ("cpu", "cuda"):
             return fail(INVALID_ARGUMENT, f"llmx_open: unknown backend {backend_name!r} or device {device_name!r}; "
                                           f"backends: {', '.join(BACKENDS)}; devices: cpu, cuda")
+        if threads < 0:
+            return fail(INVALID_ARGUMENT, f"llmx_open_options.threads={threads} must be >= 0 (0: default)")
         try:
-            session = Session(text(bundle_dir), backend_name, device_name)
+            session = Session(text(bundle_dir), backend_name, device_name, threads=threads or None,
+                              check_integrity=bool(check_integrity))
         except LLMExportError as e:
             return fail(BUNDLE, str(e))
         handle = next(ids)
         sessions[handle] = (session, threading.Lock())
         out[0] = ffi.cast("llmx_session *", handle)
         return OK
+
+    @guarded
+    def llmx_open(bundle_dir, backend, device, out):
+        return open_session(bundle_dir, out, backend, device)
+
+    @guarded
+    def llmx_open_ex(bundle_dir, options, out):
+        fields = {} if options == ffi.NULL else given(options, "llmx_open_options")
+        return open_session(bundle_dir, out, **fields)
 
     @guarded
     def llmx_close(handle):

@@ -20,7 +20,11 @@
  * lock, so they are safe but not parallel). llmx_last_error() is per thread.
  *
  * ABI stability: within major version 0 of this header, functions and struct fields are only
- * added at the end; llmx_sampling carries its own size so older callers keep working.
+ * added at the end, and structs carry their own size (struct_size) so older callers keep
+ * working: the library reads only the fields that fit in the caller's struct_size (the rest
+ * take their defaults), and fills structs with the *_init_size functions, which write only
+ * what fits in the size the caller passes. A struct_size that does not cover even the first
+ * field after struct_size, or is larger than 64 KiB, is rejected with LLMX_ERROR_INVALID_ARGUMENT.
  */
 #ifndef LLMEXPORT_H
 #define LLMEXPORT_H
@@ -62,7 +66,9 @@ typedef struct {
 /* Library version, e.g. "0.1.0". */
 const char *llmx_version(void);
 
-/* Fill *params with defaults: 64 new tokens, greedy, no top-k/top-p/penalty, seed 0. */
+/* Fill *params with defaults: 64 new tokens, greedy, no top-k/top-p/penalty, seed 0. Writes
+ * exactly the fields of this first layout (up to ignore_eos), now and in every later version;
+ * fields added later take their defaults unless set through llmx_sampling_init_size. */
 void llmx_sampling_init(llmx_sampling *params);
 
 /* Open the bundle directory. backend: "onnxruntime" (NULL = default); device: "cpu" or
@@ -89,6 +95,25 @@ int llmx_close(llmx_session *session);
 
 /* Message of the calling thread's last failed call ("" if none). */
 const char *llmx_last_error(void);
+
+/* Fill the first struct_size bytes of *params with defaults and set params->struct_size to
+ * struct_size (pass sizeof *params): safe for a struct from any header version. */
+void llmx_sampling_init_size(llmx_sampling *params, size_t struct_size);
+
+typedef struct {
+    size_t struct_size;          /* sizeof(llmx_open_options); set by llmx_open_options_init_size */
+    const char *backend;         /* NULL = "onnxruntime" */
+    const char *device;          /* NULL = "cpu" */
+    int32_t check_integrity;     /* non-zero: hash every bundle file against its manifest first */
+    int32_t threads;             /* CPU threads; 0 = the library's default (every core) */
+} llmx_open_options;
+
+/* Fill the first struct_size bytes of *options with defaults (pass sizeof *options). */
+void llmx_open_options_init_size(llmx_open_options *options, size_t struct_size);
+
+/* llmx_open with options (NULL = defaults). A bundle whose files do not match their recorded
+ * sha256 fails with LLMX_ERROR_BUNDLE naming the file (and chunk). */
+int llmx_open_ex(const char *bundle_dir, const llmx_open_options *options, llmx_session **out);
 
 /* END DECLARATIONS */
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import numpy as np
 
 from llmexport import LLMExportError
-from llmexport.exporter import io_names as io
+from llmexport.runtime.bundle import names as io
 
 from .backend import Backend
-from .bundle import NUMPY_DTYPES, Bundle
+from .bundle import NUMPY_DTYPES, Bundle, paths
 
 _RUNS_DTYPES = ("float32", "float16")  # bfloat16 bundles are refused (see README)
 PREFILL, DECODE = io.PREFILL, io.DECODE
@@ -68,7 +68,11 @@ class OnnxRuntimeBackend(Backend):
         if decode_graph is None:
             decode_graph = device == "cuda"
         self._sessions = {PREFILL: self._session(PREFILL)}
-        self._sessions[DECODE] = self._session(DECODE) if decode_graph else self._sessions[PREFILL]
+        if decode_graph:
+            self._sessions[DECODE] = self._session(DECODE)
+        else:  # not run here, but hosts that drive the graphs load it: check it as well
+            paths.check_graph(bundle.path, bundle.graph_path(DECODE))
+            self._sessions[DECODE] = self._sessions[PREFILL]
         layers = bundle.num_layers
         sets = 1 if bundle.cache_in_place else 2
         shape = bundle.cache_shape(self.cache_rows)
@@ -197,6 +201,8 @@ def create_session(bundle: Bundle, weights: dict[str, object], graph, *, device:
     else:
         providers = ["CPUExecutionProvider"]
     where = "a modified copy of a graph" if isinstance(graph, bytes) else str(graph)
+    if not isinstance(graph, bytes):  # every external-data path inside the bundle, before ORT reads any
+        paths.check_graph(bundle.path, graph)
     try:
         return ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from llmexport import LLMExportError
-from llmexport.exporter import io_names as io
+from llmexport.runtime.bundle import names as io
 
 from .backend import Backend
 from .bundle import Bundle
@@ -76,8 +76,10 @@ class Session:
     """A loaded bundle on one backend: `generate` for results, `stream` for tokens as they come."""
 
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                 cuda_graph: bool | None = None, threads: int | None = None):
-        self.bundle = Bundle.open(bundle_dir)
+                 cuda_graph: bool | None = None, threads: int | None = None, check_integrity: bool = False):
+        """`check_integrity`: hash every bundle file against the manifest before loading (sizes,
+        paths and the manifest's own digest are checked on every open)."""
+        self.bundle = Bundle.open(bundle_dir, check_integrity=check_integrity)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_path) if self.bundle.tokenizer_path else None
         self.backend = create_backend(self.bundle, backend, device, cuda_graph, threads)
         self.slots = KVSlots(self.bundle.max_batch)

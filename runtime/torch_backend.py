@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from llmexport import LLMExportError
-from llmexport.exporter import io_names as io
+from llmexport.runtime.bundle import names as io
 
 from .backend import Backend
 from .bundle import Bundle
@@ -44,8 +44,9 @@ class BundleSource:
             with warnings.catch_warnings():  # read-only mapping: the model never writes its weights
                 warnings.simplefilter("ignore", UserWarning)
                 tensor = torch.from_numpy(array).view(stored)
-            if name.endswith(io.TRANSPOSED):
-                name, tensor = name.removesuffix(io.TRANSPOSED), tensor.t()
+            name, stored_transposed = io.checkpoint_name(name)
+            if stored_transposed:
+                tensor = tensor.t()
             yield name, tensor.to(TORCH_DTYPES[dtype])
 
 
@@ -98,7 +99,7 @@ class TorchBackend(Backend):
         k = [c[rows.start: rows.stop] for c in self.k]
         v = [c[rows.start: rows.stop] for c in self.v]
         with self._torch.no_grad():  # eager: the model writes the new rows into these views in place
-            logits, _, _ = self.model(ids, pos, lens, k, v, logits_index=lens - 1 - pos[:, 0])
+            logits, _, _ = self.model(ids, pos, lens, k, v, logits_index=io.logits_index(lens, pos))
         return logits
 
     def step(self, phase, input_ids, position_ids, seq_lens, rows):

@@ -118,3 +118,30 @@ def test_two_threads_with_two_sessions(capi_dir, bundle_factory, tmp_path):
     for (head, tokens), prompt in zip(rows, ([5, 6, 7], [9, 10, 11])):
         assert head.endswith("status 0")
         assert [int(t) for t in tokens.split()] == _python_tokens(bundle_dir, prompt, 16)
+
+
+def test_older_struct_layouts_keep_working_and_integrity_is_an_open_option(capi_dir, bundle_factory, tmp_path):
+    """llmx_sampling / llmx_open_options from an older, smaller header: nothing is written past
+    them, missing fields take their defaults; check_integrity names a damaged file."""
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle_dir, damaged)
+    with open(damaged / "weights.bin", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x40]))
+    program = _compile(capi_dir, HERE / "old_layout.c", tmp_path / "old_layout")
+    done = _run(program, bundle_dir, damaged)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in done.stdout.splitlines()}
+    assert lines["sampling_size"].endswith(" 1") and lines["sampling_guard"] == "1"
+    assert lines["sampling_defaults"] == "64 0 0"
+    assert lines["options_guard"] == "1" and lines["open_old"] == "0"
+    status, *tokens = lines["generate_old"].split()
+    with Session(bundle_dir) as session:  # ignore_eos is not in the old layout: its default, False
+        want = session.generate([[5, 6, 7]], SamplingParams(max_new_tokens=5)).token_ids[0]
+    assert status == "0" and [int(t) for t in tokens] == want
+    assert lines["open_damaged"].startswith("2 1 ") and "weights.bin" in lines["open_damaged"]
+    assert "sha256 mismatch" in lines["open_damaged"]
+    assert lines["bad_threads"] == "1"

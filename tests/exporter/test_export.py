@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from llmexport.exporter import io_names as io
+from llmexport.runtime.bundle import names as io
 from llmexport.exporter.contrib_schemas import register_contrib_schemas
 from llmexport.exporter.verify import verify_bundle
 from llmexport.model.kv_cache import KVCache
@@ -138,7 +138,7 @@ def test_both_graphs_share_one_weight_file_with_no_tensor_twice(bundle_factory):
 def test_manifest_describes_the_graphs(bundle_factory):
     bundle_dir, _ = bundle_factory("llama3", "ort")
     m = json.loads((bundle_dir / "manifest.json").read_text())
-    assert (m["format"], m["format_version"], m["target"], m["dtype"]) == ("llmexport-bundle", 1, "ort", "float32")
+    assert (m["format"], m["format_version"], m["target"], m["dtype"]) == ("llmexport-bundle", 2, "ort", "float32")
     assert m["limits"] == {"max_batch": 4, "max_seq_len": 64}
     assert m["tokenizer"] == "tokenizer.json" and (bundle_dir / "tokenizer.json").is_file()
     assert m["eos_token_ids"] == [2]

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from llmexport import LLMExportError
-from llmexport.exporter import weights_file
+from llmexport.runtime.bundle import weights as weights_file  # where weights.bin is opened
 from llmexport.exporter.export import export_bundle
 
 

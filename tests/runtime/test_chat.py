@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from llmexport import LLMExportError
+from llmexport.runtime.bundle.manifest import update_manifest
 from llmexport.runtime.chat import ChatTemplate
 from llmexport.runtime.session import Session
 from tests.conftest import run_cli, write_hf_checkpoint, write_tokenizer
@@ -108,8 +109,9 @@ def test_template_inside_tokenizer_config_is_used_without_a_jinja_file(chat_bund
     config["chat_template"] = [{"name": "default", "template": TEMPLATES["chatml-default-system"]}]
     (copy / "tokenizer_config.json").write_text(json.dumps(config))
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["chat"]["template"] = None
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    manifest["chat"]["template"] = None  # re-recorded as an export would have: without the .jinja file
+    del manifest["integrity"]["files"]["chat_template.jinja"]
+    update_manifest(copy, manifest, {}, ["tokenizer_config.json"])
     (copy / "chat_template.jinja").unlink()
     hf.chat_template = TEMPLATES["chatml-default-system"]
     with Session(copy) as session:

@@ -1,6 +1,6 @@
-"""Graph input/output names and named dims: the one place the ONNX export, the manifest,
-TensorRT profiles and the runtime take them from (names follow onnxruntime-genai's).
-Plain strings only, so the torch-free runtime imports it too."""
+"""Graph input/output names, named dims and tensor naming: the one place the ONNX export, the
+manifest, TensorRT profiles and the runtime take them from (names follow onnxruntime-genai's).
+Plain strings and arithmetic only (no imports), so every side of the format can use it."""
 
 INPUT_IDS = "input_ids"  # int64 (batch, sequence)
 POSITION_IDS = "position_ids"  # int64 (batch, sequence): the cache slot of each new token
@@ -46,3 +46,21 @@ def graph_inputs(num_layers: int) -> list[str]:
 
 def graph_outputs(num_layers: int) -> list[str]:
     return [LOGITS, *cache_outputs(num_layers)]
+
+
+def transposed(name: str) -> str:
+    """The weights.bin name of checkpoint tensor `name` stored transposed ([in, out])."""
+    return name + TRANSPOSED
+
+
+def checkpoint_name(stored: str) -> tuple[str, bool]:
+    """(checkpoint tensor name, stored transposed?) of a weights.bin tensor name."""
+    if stored.endswith(TRANSPOSED):
+        return stored[: -len(TRANSPOSED)], True
+    return stored, False
+
+
+def logits_index(seq_lens, position_ids):
+    """Row of each sequence's last real token in this step: what `logits` is taken at. Works on
+    numpy arrays and torch tensors alike (the graphs trace it, the reference runs it)."""
+    return seq_lens - 1 - position_ids[:, 0]

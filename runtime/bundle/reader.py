@@ -1,0 +1,147 @@
+"""Reading a bundle: manifest.json and the files it names (numpy only, no torch).
+
+Opening checks, cheaply and before anything is mapped: the manifest's own digest and fields,
+that every file it names resolves inside the bundle and has its recorded size, and that the
+weight index fits the weight file. `check_integrity()` also hashes every file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from llmexport import LLMExportError
+
+from . import integrity, paths
+from .manifest import MANIFEST, read_manifest
+from .weights import check_index, map_weights
+
+
+def read_json(path: Path | None) -> dict | None:
+    """A JSON object from a bundle or checkpoint side file (None for no path or a non-object)."""
+    if path is None:
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise LLMExportError(f"cannot read {path}: {type(e).__name__}: {str(e)[:120]}") from None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, bundle_dir: str | Path, check_integrity: bool = False) -> "Bundle":
+        """Open and check a bundle; `check_integrity` also verifies every file's sha256."""
+        bundle = cls(Path(bundle_dir), read_manifest(bundle_dir))
+        where = str(bundle.path / MANIFEST)
+        record = bundle.manifest["integrity"]
+        for name in [*bundle.named_files(), *record["files"]]:
+            bundle.file(name)
+        missing = [n for n in bundle.named_files() if n not in record["files"]]
+        if missing:
+            raise LLMExportError(f"{where}: {missing[0]} has no integrity record; re-export the bundle")
+        integrity.check_sizes(record, bundle.file, where)
+        weights = bundle.manifest["weights"]
+        if weights["bytes"] != record["files"][weights["file"]]["bytes"]:
+            raise LLMExportError(f"{where}: weights.bytes differs from the recorded file size; re-export the bundle")
+        check_index(weights["tensors"], bundle.dtype, weights["bytes"], where)
+        if check_integrity:
+            bundle.check_integrity()
+        return bundle
+
+    def check_integrity(self, workers: int | None = None) -> None:
+        """Hash every file (chunks of large files in parallel) against the manifest's record."""
+        integrity.check_digests(self.manifest["integrity"], self.file, str(self.path), workers)
+
+    def named_files(self) -> list[str]:
+        """Every file the manifest refers to (graphs, weights, tokenizer, chat, generation, engines)."""
+        m = self.manifest
+        names = [g["file"] for g in m["graphs"].values()] + [m["weights"]["file"], m.get("tokenizer")]
+        names += [*self._chat_files().values(), self._generation().get("file")]
+        names += [e.get("file") for e in (m.get("engines") or {}).values() if isinstance(e, dict)]
+        return [n for n in names if n]
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["model"]["config"]
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.manifest["limits"]["max_batch"])
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.manifest["limits"]["max_seq_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["cache"]["num_layers"])
+
+    @property
+    def cache_in_place(self) -> bool:
+        return bool(self.manifest["cache"]["in_place"])
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.manifest.get("eos_token_ids") or ())
+
+    def cache_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self.manifest["cache"]["shape"][1:])
+
+    def file(self, name: str) -> Path:
+        """A file the manifest names; refused unless it resolves (after symlinks) inside the bundle."""
+        return paths.inside(self.path, name, str(self.path / MANIFEST))
+
+    def graph_path(self, phase: str) -> Path:
+        return self.file(self.manifest["graphs"][phase]["file"])
+
+    @cached_property
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every tensor of weights.bin, by graph initializer name, as a read-only view of one
+        memory map shared by every backend of this bundle (bfloat16 as raw uint16 bits)."""
+        return map_weights(self.weights_path, self.dtype, self.manifest["weights"]["tensors"])
+
+    @property
+    def weights_path(self) -> Path:
+        return self.file(self.manifest["weights"]["file"])
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        name = self.manifest.get("tokenizer")
+        return self.file(name) if name else None
+
+    def _chat_files(self) -> dict:
+        chat = self.manifest.get("chat") or {}
+        return {k: chat.get(k) for k in ("template", "tokenizer_config", "special_tokens_map")}
+
+    def _generation(self) -> dict:
+        return self.manifest.get("generation") or {}
+
+    def chat_paths(self) -> dict[str, Path | None]:
+        """chat_template.jinja, tokenizer_config.json, special_tokens_map.json where the bundle has them."""
+        return {k: self.file(v) if v else None for k, v in self._chat_files().items()}
+
+    @property
+    def generation_defaults(self) -> dict:
+        """SamplingParams fields from the checkpoint's generation_config.json (empty without one)."""
+        return dict(self._generation().get("defaults") or {})
