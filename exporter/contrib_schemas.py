@@ -58,6 +58,26 @@ _SCHEMAS = [
         type_constraints=[("T", _FLOATS, ""), ("U", ["tensor(float)"], "")],
         attributes=_attrs(epsilon=_FLOAT),
     ),
+    # Weight-only quantized MatMul: B block-quantized along K (runtime/bundle/quant.py has the layout).
+    OpSchema(
+        "MatMulNBits", MS_DOMAIN, 1,
+        inputs=[_P("A", "T1"), _P("B", "T2"), _P("scales", "T1"), _P("zero_points", "T3", param_option=_OPT),
+                _P("g_idx", "T4", param_option=_OPT), _P("bias", "T1", param_option=_OPT)],
+        outputs=[_P("Y", "T1")],
+        type_constraints=[("T1", _FLOATS, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(int32)", *_FLOATS], ""), ("T4", ["tensor(int32)"], "")],
+        attributes=_attrs(K=_INT, N=_INT, bits=_INT, block_size=_INT, accuracy_level=_INT),
+    ),
+    # Rows of a block-quantized table (the embedding), dequantized: same layout as MatMulNBits' B.
+    OpSchema(
+        "GatherBlockQuantized", MS_DOMAIN, 1,
+        inputs=[_P("data", "T1"), _P("indices", "Tind"), _P("scales", "T2"),
+                _P("zero_points", "T1", param_option=_OPT)],
+        outputs=[_P("output", "T2")],
+        type_constraints=[("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"], ""),
+                          ("Tind", ["tensor(int32)", "tensor(int64)"], ""), ("T2", _FLOATS, "")],
+        attributes=_attrs(gather_axis=_INT, quantize_axis=_INT, block_size=_INT, bits=_INT),
+    ),
 ]
 
 

@@ -34,9 +34,10 @@ from llmexport.runtime.generation_config import eos_token_ids, sampling_defaults
 
 from . import attention_function
 from .contrib_schemas import register_contrib_schemas
+from .quantize import QuantConfig, check_quant, quantize_graph
 from .targets import check_target
 from .trace import trace
-from .weights_file import attach_weights, fold_weight_transposes, write_weights
+from .weights_file import IR_DTYPES, attach_weights, fold_weight_transposes, write_weights
 
 IR_VERSION = 10  # ONNX Runtime 1.31 refuses IR 14, onnx 1.23's default
 # Constants the optimiser may fold into the graph file; anything larger (a Range over the cache
@@ -70,12 +71,16 @@ def export_bundle(
     max_batch: int = 8,
     force: bool = False,
     seed: int = 0,
+    quant: QuantConfig | None = None,
     progress: Progress = _no_progress,
 ) -> Path:
-    """Export `model` (preset name, checkpoint directory or ModelSource) as a bundle at `out`."""
+    """Export `model` (preset name, checkpoint directory or ModelSource) as a bundle at `out`;
+    `quant` stores the linear weights block-quantized (exporter/quantize.py)."""
     started = time.perf_counter()
     check_dtype(dtype)
     check_target(target, dtype)
+    if quant is not None:
+        check_quant(quant, target, dtype)
     if max_batch < 1:
         raise LLMExportError(f"--max-batch {max_batch} must be at least 1")
     out = Path(out)
@@ -84,14 +89,18 @@ def export_bundle(
     config = source.config
     max_seq_len = resolve_max_seq_len(config, max_seq_len)
 
-    graphs = {}
+    graphs, quantized = {}, {}
     for i, phase in enumerate((io.PREFILL, io.DECODE)):
         progress("trace", i, 2)
         graphs[phase] = _quiet(trace, config, dtype, max_seq_len, max_batch, phase, target)
         fold_weight_transposes(graphs[phase])
+        if quant is not None:
+            quantized[phase] = quantize_graph(graphs[phase], config, quant, IR_DTYPES[dtype])
         if target != "ort":
             attention_function.add_to(graphs[phase])
     progress("trace", 2, 2)
+    if quant is not None and quantized[io.PREFILL] != quantized[io.DECODE]:
+        raise LLMExportError("internal: prefill and decode graphs disagree on their quantized weights")
     names = set(graphs[io.PREFILL].graph.initializers)
     if names != set(graphs[io.DECODE].graph.initializers):
         raise LLMExportError("internal: prefill and decode graphs disagree on their weights")
@@ -104,7 +113,8 @@ def export_bundle(
             done += 1
             progress("weights", done, len(names))
 
-        entries = write_weights(source, dtype, max_seq_len, names, tmp / io.WEIGHTS_FILE, on_tensor)
+        entries = write_weights(source, dtype, max_seq_len, names, tmp / io.WEIGHTS_FILE, on_tensor,
+                                quantized.get(io.PREFILL), quant.scheme if quant else None)
         graph_files = {}
         for i, (phase, graph) in enumerate(graphs.items()):
             progress("optimize", i, 2)
@@ -134,6 +144,9 @@ def export_bundle(
                 "dtype": dtype, "num_layers": config.num_layers,
                 "in_place": target == "ort",
             },
+            "quantization": None if quant is None else {
+                "method": quant.method, **quant.scheme.to_dict(), "accuracy_level": quant.accuracy_level,
+                "layout": "MatMulNBits", "tensors": quantized[io.PREFILL]},
             "weights": {"file": io.WEIGHTS_FILE, "bytes": (tmp / io.WEIGHTS_FILE).stat().st_size,
                         "tensors": {n: e.to_dict() for n, e in sorted(entries.items())}},
             "graphs": graph_files,

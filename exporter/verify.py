@@ -133,6 +133,9 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
     rows_per_step = min(VERIFY_BATCH, bundle.max_batch, prompts)
     # Small on purpose: caches for `rows_per_step` rows only (the reference's only as long as the
     # longest sequence), and no prepacked second copy of the weights in ONNX Runtime.
+    # Unprepacked, MatMulNBits computes in float32 whatever its accuracy level: verify checks the
+    # graphs' plumbing on the bundle's exact (dequantized) weights. The int8 activations of
+    # accuracy level 4 (prepacked sessions) are a quality effect, measured by `llmexport eval`.
     with OnnxRuntimeBackend(bundle, device, decode_graph=True, cache_rows=rows_per_step, threads=threads,
                             prepack=False) as onnx_side, \
             TorchBackend(bundle, "cpu", "float32", cache_rows=rows_per_step, threads=threads,

@@ -21,9 +21,11 @@ from llmexport import LLMExportError
 from llmexport.model.rope import rope_tables
 from llmexport.model.weights import TORCH_DTYPES, ModelSource
 from llmexport.runtime.bundle import names as io
-from llmexport.runtime.bundle.weights import WeightEntry, WeightWriter
+from llmexport.runtime.bundle.quant import Scheme, pack
+from llmexport.runtime.bundle.weights import NUMPY_DTYPES, WeightEntry, WeightWriter
 
-_IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
+IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16,
+              "uint8": ir.DataType.UINT8}
 
 
 def fold_weight_transposes(model: ir.Model) -> None:
@@ -47,18 +49,33 @@ def fold_weight_transposes(model: ir.Model) -> None:
 
 
 def write_weights(source: ModelSource, dtype: str, max_seq_len: int, wanted: Iterable[str], path: Path,
-                  on_tensor: Callable[[str], None] = lambda name: None) -> dict[str, WeightEntry]:
-    """Stream every tensor in `wanted` (graph initializer names) into `path`."""
-    wanted = set(wanted)
+                  on_tensor: Callable[[str], None] = lambda name: None, quantized: dict[str, dict] | None = None,
+                  scheme: Scheme | None = None) -> dict[str, WeightEntry]:
+    """Stream every tensor in `wanted` (graph initializer names) into `path`; the checkpoint
+    weights in `quantized` (quantize.quantize_graph's record) are packed with `scheme` on the way."""
+    wanted, quantized = set(wanted), quantized or {}
     by_source = {io.checkpoint_name(n)[0]: n for n in wanted}
     with WeightWriter(path) as writer:
-        for name, tensor in _tensors(source, dtype, max_seq_len):
+        for name, tensor in _tensors(source, max_seq_len):
+            if name in quantized:
+                roles = quantized[name]
+                packed = pack(tensor.numpy(), scheme, NUMPY_DTYPES[dtype])
+                for role, data in zip(("codes", "scales", "zero_points"), packed):
+                    if data is not None:
+                        writer.add(roles[role], data, data.shape, "uint8" if role != "scales" else dtype)
+                        on_tensor(roles[role])
+                if roles.get("rows"):  # the same bytes, as the [rows, packed columns] table a gather reads
+                    codes = writer.entries[roles["codes"]].shape
+                    writer.alias(roles["rows"], roles["codes"], (codes[0], codes[1] * codes[2]))
+                    on_tensor(roles["rows"])
+                continue
             if name not in by_source:
                 continue
             graph_name = by_source[name]
+            tensor = tensor.to(TORCH_DTYPES[dtype])
             if io.checkpoint_name(graph_name)[1]:
                 tensor = tensor.t()
-            writer.add(graph_name, tensor.contiguous().view(torch.uint8).numpy(), tuple(tensor.shape))
+            writer.add(graph_name, tensor.contiguous().view(torch.uint8).numpy(), tuple(tensor.shape), dtype)
             on_tensor(graph_name)
     missing = wanted - set(writer.entries)
     if missing:
@@ -66,16 +83,17 @@ def write_weights(source: ModelSource, dtype: str, max_seq_len: int, wanted: Ite
     return writer.entries
 
 
-def _tensors(source: ModelSource, dtype: str, max_seq_len: int):
-    yield from source.tensors(dtype)
+def _tensors(source: ModelSource, max_seq_len: int):
+    """float32 tensors, one at a time (quantization packs from float32, not from the bundle dtype)."""
+    yield from source.tensors("float32")
     cos, sin = rope_tables(source.config, max_seq_len)
-    yield io.ROPE_COS, cos.to(TORCH_DTYPES[dtype])
-    yield io.ROPE_SIN, sin.to(TORCH_DTYPES[dtype])
+    yield io.ROPE_COS, cos
+    yield io.ROPE_SIN, sin
 
 
 def attach_weights(model: ir.Model, entries: dict[str, WeightEntry], dtype: str, bundle_dir: Path) -> None:
     """Point every initializer of `model` at its byte range in the weight file."""
     for name, value in model.graph.initializers.items():
         e = entries[name]
-        value.const_value = ir.ExternalTensor(io.WEIGHTS_FILE, e.offset, e.length, _IR_DTYPES[dtype],
+        value.const_value = ir.ExternalTensor(io.WEIGHTS_FILE, e.offset, e.length, IR_DTYPES[e.dtype],
                                               shape=ir.Shape(e.shape), name=name, base_dir=bundle_dir)

@@ -89,11 +89,21 @@ def onnx(
     max_batch: int = typer.Option(8, help="Largest batch the runtime will run."),
     seed: int = typer.Option(0, min=0, help="Seed of a preset's random weights."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    quant: str = typer.Option("none", help="Weight-only quantization of the linear layers: none, int8 or int4 "
+                                           "(--target ort)."),
+    quant_block: int = typer.Option(32, help="Weights per scale along each row (power of two >= 16)."),
+    quant_asymmetric: bool = typer.Option(False, help="Per-block zero points (default: symmetric)."),
+    quant_skip: str = typer.Option("", help="Comma-separated: lm_head keeps the LM head in float."),
+    accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 int8 (fast on CPU), 1 float32, 0 default."),
 ) -> None:
     """Export prefill and decode ONNX graphs sharing one weight file, as a bundle."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from llmexport.exporter.export import export_bundle
+    from llmexport.exporter.quantize import QuantConfig
+
+    quant_config = None if quant == "none" else QuantConfig(
+        quant, quant_block, not quant_asymmetric, accuracy_level, frozenset(filter(None, quant_skip.split(","))))
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=not sys.stderr.isatty()) as bar:
@@ -106,7 +116,7 @@ def onnx(
             bar.update(tasks[stage], completed=done, total=total)
 
         path = export_bundle(model, out, target=target, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
-                             force=force, seed=seed, progress=progress)
+                             force=force, seed=seed, quant=quant_config, progress=progress)
     console.print(f"bundle written to {path}")
 
 

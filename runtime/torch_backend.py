@@ -14,6 +14,7 @@ from llmexport.runtime.bundle import names as io
 
 from .backend import Backend
 from .bundle import Bundle
+from .bundle.quant import Scheme, unpack
 
 
 
@@ -38,9 +39,12 @@ class BundleSource:
         from llmexport.model.weights import TORCH_DTYPES
 
         stored = TORCH_DTYPES[self.bundle.dtype]
+        quantization = self.bundle.quantization or {"tensors": {}}
+        packed = {n for record in quantization["tensors"].values() for n in
+                  (record["codes"], record["scales"], record["zero_points"], record.get("rows")) if n}
         for name, array in self.bundle.weights.items():
-            if name.startswith("rope_"):
-                continue  # recomputed by the model
+            if name.startswith("rope_") or name in packed:
+                continue  # rope: recomputed by the model; packed: dequantized below
             with warnings.catch_warnings():  # read-only mapping: the model never writes its weights
                 warnings.simplefilter("ignore", UserWarning)
                 tensor = torch.from_numpy(array).view(stored)
@@ -48,6 +52,14 @@ class BundleSource:
             if stored_transposed:
                 tensor = tensor.t()
             yield name, tensor.to(TORCH_DTYPES[dtype])
+        weights = self.bundle.weights
+        scheme = Scheme(quantization.get("bits", 8), quantization.get("block_size", 32),
+                        quantization.get("symmetric", True))
+        for name, record in quantization["tensors"].items():  # the exact weights the graphs compute with
+            zero_points = weights[record["zero_points"]] if record["zero_points"] else None
+            w = unpack(weights[record["codes"]], weights[record["scales"]], zero_points, scheme,
+                       tuple(record["shape"]))
+            yield name, torch.from_numpy(w).to(TORCH_DTYPES[dtype])
 
 
 class TorchBackend(Backend):

@@ -72,6 +72,15 @@ def check_fields(m: dict, where: str) -> None:
         need(all(isinstance(m["graphs"][p]["file"], str) for p in ("prefill", "decode")), "graph files missing")
         need(all(type(t) is int and 0 <= t < config["vocab_size"] for t in m.get("eos_token_ids") or []),
              f"eos_token_ids {m.get('eos_token_ids')!r} are not token ids")
+        quant = m.get("quantization")
+        if quant is not None:
+            need(quant.get("bits") in (4, 8) and _positive_int(quant.get("block_size"))
+                 and isinstance(quant.get("symmetric"), bool), f"quantization scheme {quant!r} is malformed")
+            for name, record in quant["tensors"].items():
+                stored = [record[r] for r in ("codes", "scales", "zero_points", "rows") if record.get(r)]
+                need(all(s in weights["tensors"] for s in stored) and len(record["shape"]) == 2
+                     and all(_positive_int(d) for d in record["shape"]),
+                     f"quantized weight {name!r} names tensors the weight index lacks")
         need(isinstance(m["integrity"]["files"], dict) and _positive_int(m["integrity"]["chunk_bytes"]),
              "integrity record is malformed")
         for name, entry in m["integrity"]["files"].items():

@@ -119,7 +119,13 @@ class Bundle:
     def weights(self) -> dict[str, np.ndarray]:
         """Every tensor of weights.bin, by graph initializer name, as a read-only view of one
         memory map shared by every backend of this bundle (bfloat16 as raw uint16 bits)."""
-        return map_weights(self.weights_path, self.dtype, self.manifest["weights"]["tensors"])
+        return map_weights(self.weights_path, self.manifest["weights"]["tensors"])
+
+    @property
+    def quantization(self) -> dict | None:
+        """The manifest's quantization record (None for a float bundle): scheme, accuracy level,
+        and per checkpoint weight the names of its codes, scales and zero points."""
+        return self.manifest.get("quantization")
 
     @property
     def weights_path(self) -> Path:

@@ -1,9 +1,9 @@
 """weights.bin: one file of raw little-endian tensors at aligned offsets, and its index.
 
-The manifest's `weights.tensors` maps each graph initializer name to `{offset, length, shape}`
-(bytes, bytes, elements); the element type is the bundle's `dtype`. Writing appends tensors
-at ALIGNMENT-byte offsets (so any OS can map them); reading maps the file once and hands out
-read-only views. Names of tensors stored transposed end in names.TRANSPOSED.
+The manifest's `weights.tensors` maps each graph initializer name to `{offset, length, shape,
+dtype}` (bytes, bytes, elements, element type: the bundle's dtype, or uint8 for quantized
+codes). Writing appends tensors at ALIGNMENT-byte offsets (so any OS can map them); reading
+maps the file once and hands out read-only views. Names of tensors stored transposed end in names.TRANSPOSED.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from llmexport import LLMExportError
 ALIGNMENT = 64 * 1024
 # Element types by bundle dtype; numpy has no bfloat16, so those are raw uint16 bits.
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
-DTYPE_BYTES = {name: np.dtype(t).itemsize for name, t in NUMPY_DTYPES.items()}
+# Element types a stored tensor may have: the bundle dtype's, or uint8 (packed quantized codes).
+ELEMENT_DTYPES = NUMPY_DTYPES | {"uint8": np.uint8}
+DTYPE_BYTES = {name: np.dtype(t).itemsize for name, t in ELEMENT_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class WeightEntry:
     offset: int
     length: int
     shape: tuple[int, ...]
+    dtype: str
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "name"}
@@ -44,7 +47,7 @@ class WeightWriter:
         except OSError as e:
             self._fail(e)
 
-    def add(self, name: str, data, shape: tuple[int, ...]) -> WeightEntry:
+    def add(self, name: str, data, shape: tuple[int, ...], dtype: str) -> WeightEntry:
         if name in self.entries:
             raise LLMExportError(f"internal: tensor {name} written twice to {self.path.name}")
         view = memoryview(data).cast("B")
@@ -54,7 +57,14 @@ class WeightWriter:
             self._file.write(view)
         except OSError as e:
             self._fail(e)
-        entry = self.entries[name] = WeightEntry(name, offset, view.nbytes, tuple(int(d) for d in shape))
+        entry = self.entries[name] = WeightEntry(name, offset, view.nbytes, tuple(int(d) for d in shape), dtype)
+        return entry
+
+    def alias(self, name: str, of: str, shape: tuple[int, ...]) -> WeightEntry:
+        """`name` reads the same bytes as tensor `of`, in another shape (a packed table that
+        both MatMulNBits and GatherBlockQuantized read)."""
+        e = self.entries[of]
+        entry = self.entries[name] = WeightEntry(name, e.offset, e.length, tuple(int(d) for d in shape), e.dtype)
         return entry
 
     def close(self) -> None:
@@ -75,15 +85,15 @@ class WeightWriter:
 
 
 def check_index(tensors: dict, dtype: str, file_bytes: int, where: str) -> None:
-    """Every entry in range, sized by its shape, no two overlapping: numbers from the manifest
-    are checked before any byte is mapped."""
-    itemsize = DTYPE_BYTES[dtype]
+    """Every entry in range, sized by its shape and element type, no two overlapping (two
+    entries may name exactly the same bytes: an alias): numbers from the manifest are checked
+    before any byte is mapped."""
     spans = []
     for name, t in tensors.items():
         try:
             offset, length, shape = t["offset"], t["length"], t["shape"]
             ok = (all(type(v) is int for v in (offset, length, *shape)) and offset >= 0 and length >= 0
-                  and all(d >= 0 for d in shape))
+                  and all(d >= 0 for d in shape) and t["dtype"] in (dtype, "uint8"))
         except (KeyError, TypeError):
             ok = False
         if not ok:
@@ -91,23 +101,23 @@ def check_index(tensors: dict, dtype: str, file_bytes: int, where: str) -> None:
         if offset % ALIGNMENT:
             raise LLMExportError(f"{where}: weight {name!r} starts at byte {offset}, not a multiple of {ALIGNMENT}; "
                                  f"re-export the bundle")
-        if int(np.prod(shape, dtype=np.int64)) * itemsize != length:
-            raise LLMExportError(f"{where}: weight {name!r} has shape {shape} ({dtype}) but length {length}; "
+        if int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[t["dtype"]] != length:
+            raise LLMExportError(f"{where}: weight {name!r} has shape {shape} ({t['dtype']}) but length {length}; "
                                  f"re-export the bundle")
         if offset + length > file_bytes:
             raise LLMExportError(f"{where}: weight {name!r} ends at byte {offset + length}, past the end of the "
                                  f"{file_bytes}-byte weight file; re-export the bundle")
         spans.append((offset, offset + length, name))
-    spans.sort()
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+    spans = sorted(set(spans), key=lambda s: (s[0], s[1]))
+    distinct = [s for i, s in enumerate(spans) if i == 0 or s[:2] != spans[i - 1][:2]]  # aliases: same bytes
+    for (_, end, a), (start, _, b) in zip(distinct, distinct[1:]):
         if start < end:
             raise LLMExportError(f"{where}: weights {a!r} and {b!r} overlap; re-export the bundle")
 
 
-def map_weights(path: Path, dtype: str, tensors: dict) -> dict[str, np.ndarray]:
+def map_weights(path: Path, tensors: dict) -> dict[str, np.ndarray]:
     """Read-only views of every tensor, by name, into one memory map of `path`."""
     blob = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
-    element = np.dtype(NUMPY_DTYPES[dtype])
-    return {name: np.frombuffer(blob, dtype=element, count=int(np.prod(t["shape"], dtype=np.int64)),
-                                offset=t["offset"]).reshape(t["shape"])
+    return {name: np.frombuffer(blob, dtype=ELEMENT_DTYPES[t["dtype"]], offset=t["offset"],
+                                count=int(np.prod(t["shape"], dtype=np.int64))).reshape(t["shape"])
             for name, t in tensors.items()}

@@ -1,0 +1,183 @@
+"""--quant int8/int4: the packed layout is ONNX Runtime's, bundles verify against their own
+dequantized weights, and bad settings are clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from llmexport import LLMExportError
+from llmexport.exporter.export import export_bundle
+from llmexport.exporter.quantize import QuantConfig
+from llmexport.exporter.verify import verify_bundle
+from llmexport.model.presets import get_preset
+from llmexport.model.weights import ModelSource
+from llmexport.runtime.bundle import Bundle
+from llmexport.runtime.bundle.quant import Scheme, pack, unpack
+from llmexport.runtime.sampling import SamplingParams
+from llmexport.runtime.session import Session
+
+SCHEMES = [Scheme(bits, 32, symmetric) for bits in (4, 8) for symmetric in (True, False)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_unpack_inverts_pack_within_half_a_step(scheme):
+    w = np.random.default_rng(0).normal(size=(24, 128)).astype(np.float32)
+    codes, scales, zero_points = pack(w, scheme, np.float32)
+    back = unpack(codes, scales, zero_points, scheme, w.shape)
+    step = np.repeat(scales, scheme.block_size, axis=1)
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+    assert codes.shape == (24, 4, 32 * scheme.bits // 8) and codes.dtype == np.uint8
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_the_layout_is_what_matmulnbits_computes_with(scheme):
+    """ONNX Runtime's MatMulNBits on our packed tensors == x @ unpack(...).T (accuracy level 1:
+    float32 compute, so only summation order differs)."""
+    rng = np.random.default_rng(1)
+    n, k = 40, 256
+    w, x = rng.normal(size=(n, k)).astype(np.float32), rng.normal(size=(3, k)).astype(np.float32)
+    codes, scales, zero_points = pack(w, scheme, np.float32)
+    inputs, inits = ["x", "codes", "scales"], [numpy_helper.from_array(codes, "codes"),
+                                               numpy_helper.from_array(scales, "scales")]
+    if zero_points is not None:
+        inputs.append("zero_points")
+        inits.append(numpy_helper.from_array(zero_points, "zero_points"))
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=scheme.bits,
+                            block_size=scheme.block_size, accuracy_level=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                   helper.make_opsetid("com.microsoft", 1)])
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x @ unpack(codes, scales, zero_points, scheme, (n, k)).T
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+# Accuracy level 1 (float32 compute) everywhere: level 4 quantizes activations to int8 in
+# prepacked sessions, which moves near-tie greedy choices (a quality effect, not plumbing).
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_the_rows_view_is_what_gatherblockquantized_reads(scheme):
+    """The same codes seen as [rows, K * bits / 8]: ONNX Runtime's gather returns exactly the
+    unpacked rows (what the quantized embedding table relies on)."""
+    w = np.random.default_rng(2).normal(size=(40, 128)).astype(np.float32)
+    codes, scales, zero_points = pack(w, scheme, np.float32)
+    inputs = ["rows", "ids", "scales"] + (["zero_points"] if zero_points is not None else [])
+    inits = [numpy_helper.from_array(codes.reshape(40, -1), "rows"), numpy_helper.from_array(scales, "scales")]
+    if zero_points is not None:
+        inits.append(numpy_helper.from_array(zero_points, "zero_points"))
+    node = helper.make_node("GatherBlockQuantized", inputs, ["y"], domain="com.microsoft", gather_axis=0,
+                            quantize_axis=1, block_size=scheme.block_size, bits=scheme.bits)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                   helper.make_opsetid("com.microsoft", 1)])
+    ids = np.array([[3, 7, 39]])
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    assert np.array_equal(got, unpack(codes, scales, zero_points, scheme, w.shape)[ids])
+
+
+QUANTS = [QuantConfig("int8", accuracy_level=1), QuantConfig("int4", accuracy_level=1),
+          QuantConfig("int4", 16, symmetric=False, accuracy_level=1)]
+
+
+def _id(q: QuantConfig) -> str:
+    return f"{q.method}-b{q.block_size}-{'sym' if q.symmetric else 'asym'}"
+
+
+@pytest.mark.parametrize("quant", QUANTS, ids=_id)
+@pytest.mark.parametrize("family", ["llama2", "qwen2"])  # qwen2: biases, tied embeddings
+def test_quantized_bundles_verify_and_match_the_dequantized_reference(bundle_factory, family, quant):
+    bundle_dir, _ = bundle_factory(family, "ort", quant=quant)
+    bundle = Bundle.open(bundle_dir)
+    record = bundle.quantization
+    assert record["bits"] == quant.scheme.bits and record["block_size"] == quant.block_size
+    per_layer = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    quantized = set(record["tensors"])
+    assert {n.split(".")[-2] for n in quantized if n.startswith("model.layers.")} == per_layer
+    assert "model.embed_tokens.weight" in quantized
+    assert ("lm_head.weight" in quantized) == (family == "llama2")  # qwen2's LM head is the embedding
+    for name in quantized:  # no float copy is stored beside the packed one
+        assert name not in bundle.weights and f"{name}.T" not in bundle.weights
+    table = record["tensors"]["model.embed_tokens.weight"]
+    rows, codes = bundle.manifest["weights"]["tensors"][table["rows"]], bundle.manifest["weights"]["tensors"][
+        table["codes"]]
+    assert (rows["offset"], rows["length"]) == (codes["offset"], codes["length"])  # one stored table, two views
+    ops = [n.op_type for n in onnx.load(str(bundle_dir / "decode.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GatherBlockQuantized") == 1
+    assert ops.count("MatMulNBits") == 2 * 7 + 1  # every linear of both layers, and the LM head
+    assert verify_bundle(bundle_dir, prompts=4, decode_steps=4).ok
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    with Session(bundle_dir) as ort_side, Session(bundle_dir, backend="torch") as reference:
+        assert ort_side.generate(prompts, params).token_ids == reference.generate(prompts, params).token_ids
+
+
+def test_int8_compute_is_verified_on_its_exact_weights(bundle_factory):
+    """The default accuracy level 4: verify (unprepacked, float32 compute) checks the plumbing
+    on the same packed weights; sessions then run the int8-compute kernels."""
+    bundle_dir, _ = bundle_factory("llama2", "ort", quant=QuantConfig("int4"))
+    assert Bundle.open(bundle_dir).quantization["accuracy_level"] == 4
+    assert verify_bundle(bundle_dir, prompts=4, decode_steps=4).ok
+
+
+@pytest.mark.parametrize("family, skip, kept", [
+    ("llama2", "lm_head", {"lm_head.weight"}),
+    ("llama2", "embed", {"model.embed_tokens.weight"}),
+    ("qwen2", "lm_head", {"model.embed_tokens.weight"}),  # tied: one table, kept float for both readers
+    ("qwen2", "embed", {"model.embed_tokens.weight"}),
+])
+def test_lm_head_and_embedding_can_be_kept_in_float(bundle_factory, family, skip, kept):
+    bundle_dir, _ = bundle_factory(family, "ort", quant=QuantConfig("int4", accuracy_level=1, skip=frozenset({skip})))
+    bundle = Bundle.open(bundle_dir)
+    assert not kept & set(bundle.quantization["tensors"]) and kept <= set(bundle.weights)
+    assert verify_bundle(bundle_dir, prompts=2, decode_steps=2).ok
+
+
+def test_a_quantized_bundle_is_smaller(bundle_factory):
+    sizes = {}
+    for name, quant in (("float32", None), ("int8", QuantConfig("int8")), ("int4", QuantConfig("int4"))):
+        bundle_dir, _ = bundle_factory("llama2", "ort", quant=quant)
+        tensors = Bundle.open(bundle_dir).manifest["weights"]["tensors"]
+        sizes[name] = sum(t["length"] for t in tensors.values())
+    assert sizes["int4"] < sizes["int8"] < sizes["float32"]
+
+
+_ODD = dataclasses.replace(get_preset("tiny-llama"), hidden_size=96, intermediate_size=192)
+
+
+@pytest.mark.parametrize("quant, target, dtype, message", [
+    (QuantConfig("int4", 24), "ort", "float32", "--quant-block 24 must be a power of two >= 16"),
+    (QuantConfig("int4", 8), "ort", "float32", "--quant-block 8 must be a power of two >= 16"),
+    (QuantConfig("int4", 256), "ort", "float32", "--quant-block 256 does not divide the 96 inputs"),
+    (QuantConfig("int4", 64), "ort", "float32", "--quant-block 64 does not divide the 96 inputs"),
+    (QuantConfig("int3"), "ort", "float32", "unknown --quant 'int3'"),
+    (QuantConfig("int4"), "portable", "float32", "implemented for --target ort only"),
+    (QuantConfig("int4"), "ort", "bfloat16", "needs --dtype float32 or float16"),
+    (QuantConfig("int4", accuracy_level=7), "ort", "float32", "--accuracy-level 7"),
+    (QuantConfig("int4", skip=frozenset({"mlp"})), "ort", "float32", "only lm_head, embed can be skipped"),
+])
+def test_bad_quantization_settings_are_clear_errors(tmp_path, quant, target, dtype, message):
+    with pytest.raises(LLMExportError, match=message):
+        export_bundle(ModelSource("odd", _ODD), tmp_path / "b", target=target, dtype=dtype, max_seq_len=32,
+                      quant=quant)
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_cli_exports_int4(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli("onnx", "--model", "tiny-llama", "--out", str(tmp_path / "b"), "--max-seq-len", "32",
+                     "--quant", "int4", "--quant-block", "16")
+    assert result.returncode == 0, result.stderr
+    proto = onnx.load(str(tmp_path / "b" / "decode.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == 2 * 7 + 1
+    assert sum(n.op_type == "GatherBlockQuantized" for n in proto.graph.node) == 1
+    result = run_cli("onnx", "--model", "tiny-llama", "--out", str(tmp_path / "c"), "--quant", "int4",
+                     "--quant-block", "100")
+    assert result.returncode == 1 and "power of two" in result.stderr
