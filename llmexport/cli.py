@@ -265,6 +265,33 @@ def generate(
             print()
 
 
+@app.command("eval")
+def eval_command(
+    bundle: Path = typer.Option(..., help="Bundle directory (with a tokenizer)."),
+    text: Path = typer.Option(..., help="UTF-8 text file to score."),
+    max_tokens: Optional[int] = typer.Option(None, min=2, help="Score only the first N tokens of the text."),
+    window: Optional[int] = typer.Option(None, min=2, help="Tokens per window (default: the bundle's max_seq_len)."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime or torch (the reference on the same weights)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, min=1),
+) -> None:
+    """Perplexity of a bundle over a text file (non-overlapping windows within max_seq_len)."""
+    from llmexport.runtime.evaluate import perplexity
+    from llmexport.runtime.session import Session
+
+    try:
+        content = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LLMExportError(f"cannot read --text {text}: {e}; pass a UTF-8 text file") from None
+    with Session(bundle, backend=backend, device=device, threads=threads) as session:
+        if session.tokenizer is None:
+            raise LLMExportError("eval needs the bundle's tokenizer; this bundle has none")
+        ids = session.tokenizer.encode(content)[:max_tokens]
+        result = perplexity(session, ids, window)
+    console.print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f}) over {result.tokens_scored} "
+                  f"tokens in {result.windows} windows of {result.window}, {result.seconds:.1f} s, {backend}")
+
+
 @app.command("chat")
 def chat_command(
     bundle: Path = typer.Option(..., help="Bundle directory (with a tokenizer and chat template)."),

@@ -1,0 +1,65 @@
+"""Perplexity: equal to transformers' own loss on the same windows, on every backend."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llmexport import LLMExportError
+from llmexport.exporter.quantize import QuantConfig
+from llmexport.runtime.evaluate import perplexity
+from llmexport.runtime.session import Session
+from tests.conftest import WORDS, run_cli
+
+TEXT = " ".join(WORDS[3 + int(i)] for i in np.random.default_rng(0).integers(0, 250, 150))
+
+
+def _transformers_perplexity(checkpoint, ids: list[int], window: int) -> float:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for start in range(0, len(ids), window):
+        chunk = ids[start: start + window]
+        if len(chunk) < 2:
+            continue
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([chunk]), labels=torch.tensor([chunk])).loss
+        total, count = total + float(loss) * (len(chunk) - 1), count + len(chunk) - 1
+    return math.exp(total / count)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_perplexity_equals_transformers(bundle_factory, family, backend):
+    bundle_dir, checkpoint = bundle_factory(family, "ort")
+    with Session(bundle_dir, backend=backend) as session:
+        ids = session.tokenizer.encode(TEXT)
+        result = perplexity(session, ids, window=40)  # 4 windows, the last one short, run as one batch
+    assert result.windows == 4 and result.tokens_scored == len(ids) - 4
+    assert result.perplexity == pytest.approx(_transformers_perplexity(checkpoint, ids, 40), rel=1e-4)
+
+
+def test_a_quantized_bundle_has_a_close_but_higher_perplexity(bundle_factory):
+    with Session(bundle_factory("llama3", "ort")[0]) as full, \
+            Session(bundle_factory("llama3", "ort", quant=QuantConfig("int8", accuracy_level=1))[0]) as int8:
+        ids = full.tokenizer.encode(TEXT)
+        a, b = perplexity(full, ids, window=64).perplexity, perplexity(int8, ids, window=64).perplexity
+    assert a != b and abs(b - a) / a < 0.05
+
+
+def test_eval_cli_and_errors(bundle_factory, tmp_path):
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    (tmp_path / "t.txt").write_text(TEXT)
+    result = run_cli("eval", "--bundle", str(bundle_dir), "--text", str(tmp_path / "t.txt"), "--window", "32")
+    assert result.returncode == 0 and result.stdout.startswith("perplexity ") and "windows of 32" in result.stdout
+    (tmp_path / "one.txt").write_text("w5")
+    result = run_cli("eval", "--bundle", str(bundle_dir), "--text", str(tmp_path / "one.txt"))
+    assert result.returncode == 1 and "at least 2" in result.stderr
+    result = run_cli("eval", "--bundle", str(bundle_dir), "--text", str(tmp_path / "missing.txt"))
+    assert result.returncode == 1 and "cannot read --text" in result.stderr
+    with Session(bundle_dir) as session, pytest.raises(LLMExportError, match="outside the bundle's vocabulary"):
+        perplexity(session, [1, 2, 10**6])
