@@ -1,8 +1,8 @@
 """`--quant int8|int4`: which weights are quantized, and the graph rewrite that reads them packed.
 
-Every linear layer's weight (q/k/v/o, gate/up/down of every layer) and, unless skipped or tied
-to the embedding, the LM head, is stored block-quantized (runtime/bundle/quant.py owns the
-layout) and consumed by ONNX Runtime's `com.microsoft::MatMulNBits` instead of a float MatMul.
+Every linear layer's weight (q/k/v/o, gate/up/down of every layer) and, unless skipped, the LM
+head, is stored block-quantized (runtime/bundle/quant.py owns the layout) and consumed by ONNX
+Runtime's `com.microsoft::MatMulNBits` instead of a float MatMul.
 The packing itself happens while the weights stream into weights.bin (weights_file.py), one
 tensor at a time.
 
@@ -27,6 +27,7 @@ from llmexport.runtime.bundle import names as io
 from llmexport.runtime.bundle.quant import BITS, Scheme, check_block, shapes
 
 from .contrib_schemas import MS_DOMAIN
+from .weights_file import placeholder
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (= 1), 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
 SKIPPABLE = ("lm_head", "embed")
@@ -69,8 +70,9 @@ def stored_names(checkpoint: str, quant: QuantConfig) -> dict[str, str]:
 
 
 def quantize_graph(model: ir.Model, config: ModelConfig, quant: QuantConfig, dtype: ir.DataType) -> dict[str, dict]:
-    """Replace each float MatMul of a linear weight by MatMulNBits over its packed tensors.
-    Returns the manifest's per-weight record: {checkpoint name: {codes, scales, zero_points, shape}}."""
+    """Replace each float MatMul of a linear weight by MatMulNBits, and the embedding's Gather by
+    GatherBlockQuantized, over their packed tensors. Returns the manifest's per-weight record:
+    {checkpoint name: {codes, scales, zero_points, rows, shape}}."""
     graph = model.graph
     record = {}
     for value in list(graph.initializers.values()):
@@ -102,7 +104,7 @@ def quantize_graph(model: ir.Model, config: ModelConfig, quant: QuantConfig, dty
             roles["rows"] = (n, k * quant.scheme.bits // 8)
         if len(gathers) == len(users):  # only gathered: the graphs read the rows view alone
             roles.pop("codes")
-        packed = {role: _placeholder(graph, names[role], shape, dtype if role == "scales" else ir.DataType.UINT8)
+        packed = {role: placeholder(graph, names[role], shape, dtype if role == "scales" else ir.DataType.UINT8)
                   for role, shape in roles.items()}
         zero = [packed["zero_points"]] if "zero_points" in packed else []
         for node, _ in users:
@@ -138,10 +140,3 @@ def _is_plain_gemm_bt(node: ir.Node, index: int) -> bool:
             and attrs.get_int("transB", 0) == 1 and attrs.get_int("transA", 0) == 0
             and attrs.get_float("alpha", 1.0) == 1.0)
 
-
-def _placeholder(graph: ir.Graph, name: str, shape: tuple[int, ...], dtype: ir.DataType) -> ir.Value:
-    """An initializer whose data weights_file.attach_weights points at once weights.bin is written."""
-    tensor = ir.ExternalTensor(io.WEIGHTS_FILE, 0, 0, dtype, shape=ir.Shape(shape), name=name)
-    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value

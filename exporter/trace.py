@@ -1,7 +1,7 @@
 """Trace the reference model on `meta` into one ONNX graph per phase (no weights touched).
 
-Both phases take the same inputs (runtime/bundle/names.py: graph_inputs) and return the last real token's
-logits plus the updated caches. Prefill has dynamic batch and sequence; decode has sequence
+Both phases take the same inputs (runtime/bundle/names.py: graph_inputs) and return the last
+real token's logits plus the updated caches. Prefill has dynamic batch and sequence; decode has sequence
 fixed to 1, so for a given batch every shape is static (CUDA-graph capturable).
 """
 

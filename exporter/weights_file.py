@@ -28,6 +28,14 @@ IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bflo
               "uint8": ir.DataType.UINT8}
 
 
+def placeholder(graph: ir.Graph, name: str, shape: tuple[int, ...], dtype: ir.DataType) -> ir.Value:
+    """A new initializer of `graph` whose data attach_weights points at once weights.bin is written."""
+    tensor = ir.ExternalTensor(io.WEIGHTS_FILE, 0, 0, dtype, shape=ir.Shape(shape), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
 def fold_weight_transposes(model: ir.Model) -> None:
     """Replace `Transpose(W)` of an initializer by an initializer `W.T` that is stored transposed."""
     graph = model.graph
@@ -37,11 +45,7 @@ def fold_weight_transposes(model: ir.Model) -> None:
                             for n in users):
             continue
         rows, cols = value.shape
-        name, shape = io.transposed(value.name), ir.Shape([cols, rows])
-        # Data is attached by attach_weights once the weight file is written.
-        placeholder = ir.ExternalTensor(io.WEIGHTS_FILE, 0, 0, value.dtype, shape=shape, name=name)
-        stored = ir.Value(name=name, shape=shape, type=value.type, const_value=placeholder)
-        graph.register_initializer(stored)
+        stored = placeholder(graph, io.transposed(value.name), (cols, rows), value.dtype)
         for node in users:
             node.outputs[0].replace_all_uses_with(stored)
             graph.remove(node, safe=True)

@@ -14,7 +14,7 @@ from llmexport.runtime.bundle import names as io
 
 from .backend import Backend
 from .bundle import Bundle
-from .bundle.quant import Scheme, unpack
+from .bundle.quant import Scheme, stored_tensors, unpack
 
 
 
@@ -39,9 +39,9 @@ class BundleSource:
         from llmexport.model.weights import TORCH_DTYPES
 
         stored = TORCH_DTYPES[self.bundle.dtype]
-        quantization = self.bundle.quantization or {"tensors": {}}
-        packed = {n for record in quantization["tensors"].values() for n in
-                  (record["codes"], record["scales"], record["zero_points"], record.get("rows")) if n}
+        quantization = self.bundle.quantization
+        records = quantization["tensors"].values() if quantization else ()
+        packed = {name for record in records for name in stored_tensors(record)}
         for name, array in self.bundle.weights.items():
             if name.startswith("rope_") or name in packed:
                 continue  # rope: recomputed by the model; packed: dequantized below
@@ -52,9 +52,9 @@ class BundleSource:
             if stored_transposed:
                 tensor = tensor.t()
             yield name, tensor.to(TORCH_DTYPES[dtype])
-        weights = self.bundle.weights
-        scheme = Scheme(quantization.get("bits", 8), quantization.get("block_size", 32),
-                        quantization.get("symmetric", True))
+        if quantization is None:
+            return
+        weights, scheme = self.bundle.weights, Scheme.from_dict(quantization)
         for name, record in quantization["tensors"].items():  # the exact weights the graphs compute with
             zero_points = weights[record["zero_points"]] if record["zero_points"] else None
             w = unpack(weights[record["codes"]], weights[record["scales"]], zero_points, scheme,

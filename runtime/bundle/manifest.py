@@ -13,6 +13,7 @@ from pathlib import Path
 from llmexport import LLMExportError
 
 from . import integrity
+from .quant import stored_tensors
 from .weights import NUMPY_DTYPES
 
 FORMAT = "llmexport-bundle"
@@ -77,8 +78,7 @@ def check_fields(m: dict, where: str) -> None:
             need(quant.get("bits") in (4, 8) and _positive_int(quant.get("block_size"))
                  and isinstance(quant.get("symmetric"), bool), f"quantization scheme {quant!r} is malformed")
             for name, record in quant["tensors"].items():
-                stored = [record[r] for r in ("codes", "scales", "zero_points", "rows") if record.get(r)]
-                need(all(s in weights["tensors"] for s in stored) and len(record["shape"]) == 2
+                need(all(s in weights["tensors"] for s in stored_tensors(record)) and len(record["shape"]) == 2
                      and all(_positive_int(d) for d in record["shape"]),
                      f"quantized weight {name!r} names tensors the weight index lacks")
         need(isinstance(m["integrity"]["files"], dict) and _positive_int(m["integrity"]["chunk_bytes"]),

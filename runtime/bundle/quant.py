@@ -40,6 +40,20 @@ class Scheme:
     def to_dict(self) -> dict:
         return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric}
 
+    @classmethod
+    def from_dict(cls, record: dict) -> "Scheme":
+        """The scheme of a manifest's `quantization` record (which holds to_dict()'s fields)."""
+        return cls(record["bits"], record["block_size"], record["symmetric"])
+
+
+# A quantized weight's stored tensors, by role ("rows": the codes' bytes seen as a 2-D table).
+ROLES = ("codes", "scales", "zero_points", "rows")
+
+
+def stored_tensors(record: dict) -> list[str]:
+    """weights.bin names of one quantized weight's record (its roles that are present)."""
+    return [record[role] for role in ROLES if record.get(role)]
+
 
 def check_block(block_size: int, k: int, name: str) -> None:
     """MatMulNBits needs a power-of-two block of at least 16 that divides the row."""

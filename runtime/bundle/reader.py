@@ -43,9 +43,10 @@ class Bundle:
         bundle = cls(Path(bundle_dir), read_manifest(bundle_dir))
         where = str(bundle.path / MANIFEST)
         record = bundle.manifest["integrity"]
-        for name in [*bundle.named_files(), *record["files"]]:
+        named = bundle.named_files()
+        for name in [*named, *record["files"]]:
             bundle.file(name)
-        missing = [n for n in bundle.named_files() if n not in record["files"]]
+        missing = [n for n in named if n not in record["files"]]
         if missing:
             raise LLMExportError(f"{where}: {missing[0]} has no integrity record; re-export the bundle")
         integrity.check_sizes(record, bundle.file, where)

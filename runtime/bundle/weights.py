@@ -3,7 +3,8 @@
 The manifest's `weights.tensors` maps each graph initializer name to `{offset, length, shape,
 dtype}` (bytes, bytes, elements, element type: the bundle's dtype, or uint8 for quantized
 codes). Writing appends tensors at ALIGNMENT-byte offsets (so any OS can map them); reading
-maps the file once and hands out read-only views. Names of tensors stored transposed end in names.TRANSPOSED.
+maps the file once and hands out read-only views. Names of tensors stored transposed end in
+names.TRANSPOSED.
 """
 
 from __future__ import annotations
@@ -108,10 +109,9 @@ def check_index(tensors: dict, dtype: str, file_bytes: int, where: str) -> None:
             raise LLMExportError(f"{where}: weight {name!r} ends at byte {offset + length}, past the end of the "
                                  f"{file_bytes}-byte weight file; re-export the bundle")
         spans.append((offset, offset + length, name))
-    spans = sorted(set(spans), key=lambda s: (s[0], s[1]))
-    distinct = [s for i, s in enumerate(spans) if i == 0 or s[:2] != spans[i - 1][:2]]  # aliases: same bytes
-    for (_, end, a), (start, _, b) in zip(distinct, distinct[1:]):
-        if start < end:
+    spans.sort()
+    for (start_a, end, a), (start, end_b, b) in zip(spans, spans[1:]):
+        if start < end and (start_a, end) != (start, end_b):  # the same bytes exactly: an alias
             raise LLMExportError(f"{where}: weights {a!r} and {b!r} overlap; re-export the bundle")
 
 

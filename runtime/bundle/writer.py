@@ -49,6 +49,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _named_owner_gone(path: Path) -> bool:
+    """The process whose id ends the directory's name (`.NAME.partial-PID`, `.NAME.old-PID`) is gone."""
+    suffix = path.name.rsplit("-", 1)[-1]
+    return suffix.isdigit() and not _alive(int(suffix))
+
+
 def _stale(path: Path) -> bool:
     """A staging directory whose owner on this host is gone (or with no readable marker: one
     written before markers existed, or killed before writing it)."""
@@ -56,8 +62,7 @@ def _stale(path: Path) -> bool:
         host, pid = (path / MARKER).read_text().split("\n")[:2]
         return host == socket.gethostname() and not _alive(int(pid))
     except (OSError, ValueError):
-        suffix = path.name.rsplit("-", 1)[-1]
-        return suffix.isdigit() and not _alive(int(suffix))
+        return _named_owner_gone(path)
 
 
 def remove_stale(out: Path) -> list[Path]:
@@ -68,8 +73,7 @@ def remove_stale(out: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     for path in out.parent.glob(f".{out.name}.old-*"):
-        suffix = path.name.rsplit("-", 1)[-1]
-        if path.is_dir() and suffix.isdigit() and not _alive(int(suffix)):
+        if path.is_dir() and _named_owner_gone(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
