@@ -26,16 +26,18 @@ def markdown(result: dict) -> str:
         + (f", export peak RSS {result['bundle']['export_peak_rss_bytes'] / 2**20:.0f} MiB"
            if result["bundle"].get("export_peak_rss_bytes") else ""),
         "",
-        "| backend | batch | decode ms/step (median, min-max) | tokens/s | floor ms | fraction of floor |",
-        "|---|---|---|---|---|---|",
+        "| backend | weights MiB | batch | decode ms/step (median, min-max) | tokens/s | floor ms "
+        "| fraction of floor |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         if r["status"] != "ok":
             continue
         for batch, d in r["decode"].items():
-            floor = result["roofline"][batch]["floor_s"]
-            lines.append(f"| {r['backend']} | {batch} | {_ms(d['median_s'])} ({_ms(d['min_s'])}-{_ms(d['max_s'])}) | "
-                         f"{d['tokens_per_s']:.1f} | {_ms(floor)} | {d['fraction_of_floor']:.3f} |")
+            floor = d["fraction_of_floor"] * d["median_s"]  # each backend's floor: its own weight bytes
+            lines.append(f"| {r['backend']} | {r['weight_bytes'] / 2**20:.0f} | {batch} | {_ms(d['median_s'])} "
+                         f"({_ms(d['min_s'])}-{_ms(d['max_s'])}) | {d['tokens_per_s']:.1f} | {_ms(floor)} | "
+                         f"{d['fraction_of_floor']:.3f} |")
     lines += ["", "| backend | prompt tokens | time to first token ms (median, min-max) | load s | peak memory MiB |",
               "|---|---|---|---|---|"]
     for r in result["results"]:
@@ -43,7 +45,8 @@ def markdown(result: dict) -> str:
             continue
         for length, t in r["ttft"].items():
             lines.append(f"| {r['backend']} | {length} | {_ms(t['median_s'])} ({_ms(t['min_s'])}-{_ms(t['max_s'])}) | "
-                         f"{r['load_s']:.2f} | {r['peak_device_bytes'] / 2**20:.1f} |")
+                         + (f"{r['load_s']:.2f} | {r['peak_device_bytes'] / 2**20:.1f} |" if "load_s" in r
+                            else "- | - (child process) |"))
     skipped = [r for r in result["results"] if r["status"] != "ok"]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{r['backend']} ({r['reason']})" for r in skipped)]

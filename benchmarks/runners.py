@@ -20,9 +20,10 @@ class Unavailable(Exception):
 class BundleRunner:
     """A runtime backend (onnxruntime, torch) on a bundle."""
 
-    def __init__(self, name: str, bundle_dir, backend: str, device: str, cuda_graph: bool | None = None):
+    def __init__(self, name: str, bundle_dir, backend: str, device: str, cuda_graph: bool | None = None,
+                 threads: int | None = None):
         self.name, self.bundle_dir, self.backend_name, self.device = name, bundle_dir, backend, device
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, self.threads = cuda_graph, threads
         self.backend = None
 
     def check(self) -> None:
@@ -39,7 +40,7 @@ class BundleRunner:
 
         try:
             self.backend = create_backend(Bundle.open(self.bundle_dir), self.backend_name, self.device,
-                                          self.cuda_graph)
+                                          self.cuda_graph, self.threads)
         except LLMExportError as e:
             raise Unavailable(str(e)) from None
 
@@ -67,8 +68,8 @@ class TransformersEagerRunner:
 
     name = "torch-eager (transformers)"
 
-    def __init__(self, source, dtype: str, device: str):
-        self.source, self.dtype, self.device = source, dtype, device
+    def __init__(self, source, dtype: str, device: str, threads: int | None = None):
+        self.source, self.dtype, self.device, self.threads = source, dtype, device, threads
 
     def check(self) -> None:
         try:
@@ -78,6 +79,8 @@ class TransformersEagerRunner:
             raise Unavailable(f"needs {e.name}: pip install {e.name}") from None
         if self.device == "cuda" and not torch.cuda.is_available():
             raise Unavailable("needs a CUDA build of torch and a GPU")
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self.torch = torch
 
     def load(self) -> None:

@@ -24,6 +24,7 @@ import llmexport
 from llmexport import LLMExportError
 
 from .measure import cuda_read_bandwidth, host_read_bandwidth, rss_bytes, timed
+from .genai import GenaiRunner, default_python
 from .runners import BundleRunner, MissingRunner, TransformersEagerRunner, Unavailable
 
 Progress = Callable[[str], None]
@@ -43,6 +44,10 @@ class BenchConfig:
     seed: int = 0
     bundle: str | None = None  # an existing bundle; otherwise one is exported into workdir
     workdir: str = "bench-work"
+    threads: int | None = None  # CPU threads of every system measured (None: each library's default)
+    quants: tuple[str, ...] = ()  # also export and measure these quantized variants (see quant_flags)
+    genai: tuple[str, ...] = ()  # onnxruntime-genai precisions to build and measure (int4, fp32)
+    genai_python: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -50,10 +55,27 @@ class BenchConfig:
         return max(max(self.prompt_lens), self.decode_context + self.warmup + self.repeats) + 1
 
 
-def _export(config: BenchConfig, progress: Progress) -> tuple[Path, dict]:
+# A variant is a --quant method with optional +modifiers: int4, int8, int4+sym+head4 ...
+_MODIFIERS = {"sym": ["--quant-symmetric"], "asym": ["--quant-asymmetric"], "head4": ["--quant-head", "int4"],
+              "head8": ["--quant-head", "int8"]}
+
+
+def quant_flags(variant: str) -> list[str]:
+    """`llmexport onnx` flags of a benchmark variant such as "int4+sym+head4"."""
+    method, *modifiers = variant.split("+")
+    bad = [m for m in modifiers if m not in _MODIFIERS]
+    if method not in ("int8", "int4") or bad:
+        raise LLMExportError(f"--quant {variant}: a variant is int8 or int4, optionally followed by "
+                             f"+{', +'.join(_MODIFIERS)} (e.g. int4+sym+head4)")
+    return ["--quant", method, *(flag for m in modifiers for flag in _MODIFIERS[m])]
+
+
+def _export(config: BenchConfig, progress: Progress, quant: str | None = None) -> tuple[Path, dict]:
     """Export in a child process so its wall time and peak RSS are its own."""
     from llmexport.model.weights import open_source
 
+    if config.bundle and quant:
+        raise LLMExportError("--quant variants are exported by the benchmark: pass --model, not --bundle")
     if config.bundle:
         manifest = json.loads((Path(config.bundle) / "manifest.json").read_text())
         return Path(config.bundle), {"export_s": manifest["export"]["seconds"], "export_peak_rss_bytes": None,
@@ -62,13 +84,15 @@ def _export(config: BenchConfig, progress: Progress) -> tuple[Path, dict]:
     if config.max_seq_len > limit:
         raise LLMExportError(f"the benchmark needs max_seq_len {config.max_seq_len} but {config.model} allows {limit}; "
                              f"pass smaller --prompt-lens / --decode-context")
-    out = Path(config.workdir) / f"{Path(config.model).name}-{config.target}-{config.dtype}"
-    progress(f"exporting {config.model} ({config.dtype}, {config.target})")
+    suffix = f"-{quant}" if quant else ""
+    out = Path(config.workdir) / f"{Path(config.model).name}-{config.target}-{config.dtype}{suffix}"
+    progress(f"exporting {config.model} ({config.dtype}, {config.target}{', ' + quant if quant else ''})")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", "from llmexport.cli import main; main()", "onnx", "--model",
                            config.model, "--out", str(out), "--dtype", config.dtype, "--target", config.target,
                            "--seed", str(config.seed), "--max-seq-len", str(config.max_seq_len), "--max-batch",
-                           str(max(config.batches)), "--force"], capture_output=True, text=True)
+                           str(max(config.batches)), "--force", *(quant_flags(quant) if quant else [])],
+                          capture_output=True, text=True)
     if done.returncode:
         raise LLMExportError(f"exporting the benchmark bundle failed: {done.stderr.strip().splitlines()[-1]}")
     seconds = time.perf_counter() - start
@@ -76,25 +100,48 @@ def _export(config: BenchConfig, progress: Progress) -> tuple[Path, dict]:
     return out, {"export_s": seconds, "export_peak_rss_bytes": peak}
 
 
-def _runners(config: BenchConfig, bundle: Path) -> list:
-    """Every backend, each on the bundle's own weights so all run exactly the same model."""
+def _runners(config: BenchConfig, bundle: Path, quantized: dict[str, Path]) -> list:
+    """Every backend, each on the bundle's own weights so all run exactly the same model; then
+    ONNX Runtime on each quantized variant, and onnxruntime-genai built from the same checkpoint."""
     from llmexport.runtime.bundle import Bundle
     from llmexport.runtime.torch_backend import BundleSource
 
-    gpu = config.device == "cuda"
-    return [
-        TransformersEagerRunner(BundleSource(Bundle.open(bundle)), config.dtype, config.device),
-        BundleRunner(f"torch-static ({config.device})", bundle, "torch", config.device),
+    gpu, threads = config.device == "cuda", config.threads
+    runners = [
+        TransformersEagerRunner(BundleSource(Bundle.open(bundle)), config.dtype, config.device, threads),
+        BundleRunner(f"torch-static ({config.device})", bundle, "torch", config.device, threads=threads),
         BundleRunner("torch-static + CUDA graph", bundle, "torch", "cuda", cuda_graph=True) if gpu
         else MissingRunner("torch-static + CUDA graph", "needs a GPU"),
-        BundleRunner("onnxruntime-cpu", bundle, "onnxruntime", "cpu"),
+        BundleRunner("onnxruntime-cpu", bundle, "onnxruntime", "cpu", threads=threads),
         BundleRunner("onnxruntime-cuda + CUDA graph", bundle, "onnxruntime", "cuda") if gpu
         else MissingRunner("onnxruntime-cuda + CUDA graph", "needs a GPU"),
         MissingRunner("tensorrt", "TensorRT is not installed (and no TensorRT backend in this version)"),
     ]
+    for quant, path in quantized.items():
+        runners.append(BundleRunner(f"onnxruntime-cpu {quant}", path, "onnxruntime", "cpu", threads=threads))
+        if gpu:
+            runners.append(BundleRunner(f"onnxruntime-cuda {quant} + CUDA graph", path, "onnxruntime", "cuda"))
+    checkpoint = None if config.bundle else config.model
+    runners += [GenaiRunner(p, checkpoint, config.genai_python or default_python(), Path(config.workdir), config)
+                for p in config.genai]
+    return runners
+
+
+def _measure_genai(runner: GenaiRunner, vocab: int, progress: Progress) -> dict:
+    runner.check()
+    progress(f"{runner.name}: building")
+    runner.build()
+    progress(f"{runner.name}: measuring")
+    timings = runner.measure(vocab)
+    for batch, d in timings["decode"].items():
+        d["tokens_per_s"] = int(batch) / d["median_s"]
+    return {"backend": runner.name, "status": "ok", "weight_bytes": runner.weight_bytes(), **timings,
+            "note": "child process; onnxruntime-genai's own generator (greedy) from its builder's output"}
 
 
 def _measure(runner, config: BenchConfig, vocab: int, progress: Progress) -> dict:
+    if isinstance(runner, GenaiRunner):
+        return _measure_genai(runner, vocab, progress)
     rng = np.random.default_rng(config.seed)
     runner.check()
     before, device_before = rss_bytes(), _device_used(config.device)
@@ -116,6 +163,13 @@ def _measure(runner, config: BenchConfig, vocab: int, progress: Progress) -> dic
     return result
 
 
+def _stored_bytes(bundle_dir: Path) -> int:
+    """Bytes of a bundle's weights as stored (packed codes, scales and offsets for a quantized one)."""
+    tensors = json.loads((bundle_dir / "manifest.json").read_text())["weights"]["tensors"]
+    return sum(length for _, length in {(t["offset"], t["length"]) for n, t in tensors.items()  # aliases once
+                                        if not n.startswith("rope_")})
+
+
 def _device_used(device: str) -> int:
     """Device memory in use: on CUDA from the driver (so ONNX Runtime's own allocator counts
     too, which torch's allocator statistics would miss); on CPU the process's RSS."""
@@ -134,11 +188,14 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None
     progress("measuring memory read bandwidth")
     bandwidth = cuda_read_bandwidth() if config.device == "cuda" else host_read_bandwidth()
     bundle_dir, export = _export(config, progress)
+    quantized = {q: _export(config, progress, q)[0] for q in config.quants}
     bundle = Bundle.open(bundle_dir)
     mc = ModelConfig.from_dict(bundle.config)
     weight_bytes = mc.weight_bytes(config.dtype)
+    stored = {f"onnxruntime-{device} {q}": _stored_bytes(path) for q, path in quantized.items()
+              for device in ("cpu", "cuda")}
     results = []
-    for runner in _runners(config, bundle_dir):
+    for runner in _runners(config, bundle_dir, quantized):
         try:
             results.append(_measure(runner, config, bundle.vocab_size, progress))
         except Unavailable as e:
@@ -146,16 +203,19 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None
         finally:
             runner.close()
     roofline = {}
+    context = config.decode_context + config.warmup + config.repeats // 2  # the median step's cache
     for batch in config.batches:
-        context = config.decode_context + config.warmup + config.repeats // 2  # the median step's cache
         kv = mc.kv_cache_bytes(batch, context, config.dtype)
         roofline[str(batch)] = {"bytes_read": weight_bytes + kv, "floor_s": (weight_bytes + kv) / bandwidth}
-    for r in results:
+    for r in (r for r in results if r["status"] == "ok"):  # each against its own weights' bytes
+        own = r.get("weight_bytes") or stored.get(r["backend"].removesuffix(" + CUDA graph"), weight_bytes)
+        r["weight_bytes"] = own
         for batch, d in r.get("decode", {}).items():
-            d["fraction_of_floor"] = roofline[batch]["floor_s"] / d["median_s"]
-            d["achieved_bytes_per_s"] = roofline[batch]["bytes_read"] / d["median_s"]
+            read = own + mc.kv_cache_bytes(int(batch), context, config.dtype)
+            d["fraction_of_floor"] = read / bandwidth / d["median_s"]
+            d["achieved_bytes_per_s"] = read / d["median_s"]
     return {
-        "schema": "llmexport-bench/1",
+        "schema": "llmexport-bench/2",
         "command": " ".join(sys.argv),
         "config": {k: v for k, v in config.__dict__.items() if k != "extra"},
         "hardware": _hardware(config.device),

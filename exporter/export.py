@@ -34,7 +34,7 @@ from llmexport.runtime.generation_config import eos_token_ids, sampling_defaults
 
 from . import attention_function
 from .contrib_schemas import register_contrib_schemas
-from .quantize import QuantConfig, check_quant, quantize_graph
+from .quantize import QuantConfig, check_quant, layout, quantize_graph
 from .targets import check_target
 from .trace import trace
 from .weights_file import IR_DTYPES, attach_weights, fold_weight_transposes, write_weights
@@ -95,7 +95,7 @@ def export_bundle(
         graphs[phase] = _quiet(trace, config, dtype, max_seq_len, max_batch, phase, target)
         fold_weight_transposes(graphs[phase])
         if quant is not None:
-            quantized[phase] = quantize_graph(graphs[phase], config, quant, IR_DTYPES[dtype])
+            quantized[phase] = quantize_graph(graphs[phase], config, quant, IR_DTYPES[dtype], target)
         if target != "ort":
             attention_function.add_to(graphs[phase])
     progress("trace", 2, 2)
@@ -114,7 +114,7 @@ def export_bundle(
             progress("weights", done, len(names))
 
         entries = write_weights(source, dtype, max_seq_len, names, tmp / io.WEIGHTS_FILE, on_tensor,
-                                quantized.get(io.PREFILL), quant.scheme if quant else None)
+                                quantized.get(io.PREFILL))
         graph_files = {}
         for i, (phase, graph) in enumerate(graphs.items()):
             progress("optimize", i, 2)
@@ -145,8 +145,8 @@ def export_bundle(
                 "in_place": target == "ort",
             },
             "quantization": None if quant is None else {
-                "method": quant.method, **quant.scheme.to_dict(), "accuracy_level": quant.accuracy_level,
-                "layout": "MatMulNBits", "tensors": quantized[io.PREFILL]},
+                "method": quant.method, "accuracy_level": quant.accuracy_level, "layout": layout(target),
+                "tensors": quantized[io.PREFILL]},
             "weights": {"file": io.WEIGHTS_FILE, "bytes": (tmp / io.WEIGHTS_FILE).stat().st_size,
                         "tensors": {n: e.to_dict() for n, e in sorted(entries.items())}},
             "graphs": graph_files,

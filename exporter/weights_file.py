@@ -11,6 +11,7 @@ removed, so no runtime ever materialises a transposed copy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -53,20 +54,21 @@ def fold_weight_transposes(model: ir.Model) -> None:
 
 
 def write_weights(source: ModelSource, dtype: str, max_seq_len: int, wanted: Iterable[str], path: Path,
-                  on_tensor: Callable[[str], None] = lambda name: None, quantized: dict[str, dict] | None = None,
-                  scheme: Scheme | None = None) -> dict[str, WeightEntry]:
+                  on_tensor: Callable[[str], None] = lambda name: None,
+                  quantized: dict[str, dict] | None = None) -> dict[str, WeightEntry]:
     """Stream every tensor in `wanted` (graph initializer names) into `path`; the checkpoint
-    weights in `quantized` (quantize.quantize_graph's record) are packed with `scheme` on the way."""
+    weights in `quantized` (quantize.quantize_graph's record) are packed on the way, each with
+    the scheme its record names."""
     wanted, quantized = set(wanted), quantized or {}
     by_source = {io.checkpoint_name(n)[0]: n for n in wanted}
     with WeightWriter(path) as writer:
         for name, tensor in _tensors(source, max_seq_len):
             if name in quantized:
                 roles = quantized[name]
-                packed = pack(tensor.numpy(), scheme, NUMPY_DTYPES[dtype])
-                for role, data in zip(("codes", "scales", "zero_points"), packed):
+                packed = pack(tensor.numpy(), Scheme.from_dict(roles), NUMPY_DTYPES[dtype])
+                for role, data in zip(("codes", "scales", "offsets"), packed):
                     if data is not None:
-                        writer.add(roles[role], data, data.shape, "uint8" if role != "scales" else dtype)
+                        writer.add(roles[role], data, data.shape, "uint8" if role == "codes" else dtype)
                         on_tensor(roles[role])
                 if roles.get("rows"):  # the same bytes, as the [rows, packed columns] table a gather reads
                     codes = writer.entries[roles["codes"]].shape
@@ -99,5 +101,11 @@ def attach_weights(model: ir.Model, entries: dict[str, WeightEntry], dtype: str,
     """Point every initializer of `model` at its byte range in the weight file."""
     for name, value in model.graph.initializers.items():
         e = entries[name]
-        value.const_value = ir.ExternalTensor(io.WEIGHTS_FILE, e.offset, e.length, IR_DTYPES[e.dtype],
-                                              shape=ir.Shape(e.shape), name=name, base_dir=bundle_dir)
+        dtype, shape = IR_DTYPES[e.dtype], e.shape
+        if value.dtype in (ir.DataType.INT4, ir.DataType.INT8):  # packed codes seen as DequantizeLinear's input
+            dtype, shape = value.dtype, tuple(value.shape)
+            if math.prod(shape) * dtype.bitwidth != 8 * e.length:
+                raise LLMExportError(f"internal: {name} as {dtype.name}{list(shape)} does not span its "
+                                     f"{e.length} bytes")
+        value.const_value = ir.ExternalTensor(io.WEIGHTS_FILE, e.offset, e.length, dtype,
+                                              shape=ir.Shape(shape), name=name, base_dir=bundle_dir)

@@ -92,8 +92,11 @@ def onnx(
     quant: str = typer.Option("none", help="Weight-only quantization of the linear layers: none, int8 or int4 "
                                            "(--target ort)."),
     quant_block: int = typer.Option(32, help="Weights per scale along each row (power of two >= 16)."),
-    quant_asymmetric: bool = typer.Option(False, help="Per-block zero points (default: symmetric)."),
-    quant_skip: str = typer.Option("", help="Comma-separated: lm_head keeps the LM head in float."),
+    quant_asymmetric: Optional[bool] = typer.Option(
+        None, "--quant-asymmetric/--quant-symmetric",
+        help="Per-block offsets (asymmetric) or not. Default: int4 asymmetric, int8 symmetric."),
+    quant_head: str = typer.Option("int8", help="Bits of the embedding table and LM head: int8 or int4."),
+    quant_skip: str = typer.Option("", help="Comma-separated: lm_head and/or embed kept in float."),
     accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 int8 (fast on CPU), 1 float32, 0 default."),
 ) -> None:
     """Export prefill and decode ONNX graphs sharing one weight file, as a bundle."""
@@ -103,7 +106,8 @@ def onnx(
     from llmexport.exporter.quantize import QuantConfig
 
     quant_config = None if quant == "none" else QuantConfig(
-        quant, quant_block, not quant_asymmetric, accuracy_level, frozenset(filter(None, quant_skip.split(","))))
+        quant, quant_block, None if quant_asymmetric is None else not quant_asymmetric, accuracy_level,
+        frozenset(filter(None, quant_skip.split(","))), quant_head)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=not sys.stderr.isatty()) as bar:
@@ -271,7 +275,10 @@ def eval_command(
     text: Path = typer.Option(..., help="UTF-8 text file to score."),
     max_tokens: Optional[int] = typer.Option(None, min=2, help="Score only the first N tokens of the text."),
     window: Optional[int] = typer.Option(None, min=2, help="Tokens per window (default: the bundle's max_seq_len)."),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime or torch (the reference on the same weights)."),
+    backend: Optional[str] = typer.Option(None, help="onnxruntime (default) or torch (the reference on the "
+                                                     "bundle's own, possibly dequantized, weights)."),
+    model: Optional[str] = typer.Option(None, help="Score the checkpoint or preset the bundle was exported from "
+                                                   "instead (torch reference, float32): the unquantized baseline."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: Optional[int] = typer.Option(None, min=1),
 ) -> None:
@@ -279,17 +286,25 @@ def eval_command(
     from llmexport.runtime.evaluate import perplexity
     from llmexport.runtime.session import Session
 
+    reference = None
+    if model is not None:
+        from llmexport.exporter.verify import reference_source
+
+        reference = reference_source(bundle, model)
+    backend = backend or ("torch" if model is not None else "onnxruntime")
+
     try:
         content = text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise LLMExportError(f"cannot read --text {text}: {e}; pass a UTF-8 text file") from None
-    with Session(bundle, backend=backend, device=device, threads=threads) as session:
+    with Session(bundle, backend=backend, device=device, threads=threads, reference=reference) as session:
         if session.tokenizer is None:
             raise LLMExportError("eval needs the bundle's tokenizer; this bundle has none")
         ids = session.tokenizer.encode(content)[:max_tokens]
         result = perplexity(session, ids, window)
     console.print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f}) over {result.tokens_scored} "
-                  f"tokens in {result.windows} windows of {result.window}, {result.seconds:.1f} s, {backend}")
+                  f"tokens in {result.windows} windows of {result.window}, {result.seconds:.1f} s, {backend}"
+                  + (f" on --model {model}" if model else ""))
 
 
 @app.command("chat")
@@ -376,6 +391,13 @@ def bench(
     name: Optional[str] = typer.Option(None, help="Report file name (default: MODEL-DTYPE-DEVICE, or "
                                                   "BUNDLE_DIR_NAME-DEVICE with --bundle)."),
     workdir: Path = typer.Option(Path("bench-work"), help="Where the exported bundle goes."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for every system measured (default: each "
+                                                            "library's own, usually every core)."),
+    quant: str = typer.Option("", help="Comma-separated quantized variants to export and measure too: int8, int4, "
+                                       "with optional +sym +asym +head4 +head8 (e.g. int4+sym+head4)."),
+    genai: str = typer.Option("", help="Comma-separated onnxruntime-genai precisions to build from --model (a "
+                                       "checkpoint directory) and measure beside: int4,fp32."),
+    genai_python: Optional[str] = typer.Option(None, help="Python with onnxruntime-genai (default: this one)."),
 ) -> None:
     """Time every backend against eager torch on the same work, with the bandwidth roofline."""
     from rich.status import Status
@@ -385,7 +407,9 @@ def bench(
 
     config = BenchConfig(model=model, dtype=dtype, target=target, device=device, prompt_lens=_ints(prompt_lens),
                          batches=_ints(batches), decode_context=decode_context, warmup=warmup, repeats=repeats,
-                         bundle=str(bundle) if bundle else None, workdir=str(workdir))
+                         bundle=str(bundle) if bundle else None, workdir=str(workdir), threads=threads,
+                         quants=_variants(quant),
+                         genai=_names(genai, ("int4", "fp32"), "--genai"), genai_python=genai_python)
     with Status("benchmarking", console=Console(stderr=True)) as status:
         result = run_benchmark(config, progress=lambda message: status.update(message))
     paths = write_reports(result, out, name or default_name(model, bundle, dtype, device))
@@ -410,6 +434,23 @@ def bench_kernels(
     (out / f"kernels-{device}.json").write_text(json.dumps(report, indent=2))
     (out / f"kernels-{device}.md").write_text(markdown(report))
     console.print(markdown(report))
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    from llmexport.benchmarks.suite import quant_flags
+
+    names = tuple(filter(None, text.split(",")))
+    for name in names:
+        quant_flags(name)  # a clear error now, not after the first export
+    return names
+
+
+def _names(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    names = tuple(filter(None, text.split(",")))
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise LLMExportError(f"{flag} {','.join(unknown)}: choose from {', '.join(allowed)}")
+    return names
 
 
 def _ints(text: str) -> tuple[int, ...]:

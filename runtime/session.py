@@ -30,12 +30,16 @@ Prompt = str | Sequence[int]
 
 
 def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu",
-                   cuda_graph: bool | None = None, threads: int | None = None) -> Backend:
+                   cuda_graph: bool | None = None, threads: int | None = None, reference=None) -> Backend:
     """The named backend for `bundle`; heavy libraries are imported only for the one asked for.
 
     cuda_graph: capture decode as CUDA graphs (None: yes for onnxruntime on CUDA, no for torch).
     threads: CPU threads of the compute library (None: its default, every core).
+    reference: a model source (exporter.verify.reference_source: the checkpoint or preset the
+    bundle came from); the torch backend then runs its weights in float32 (eval --model).
     """
+    if reference is not None and backend != "torch":
+        raise LLMExportError(f"a reference model runs on the torch backend, not {backend}")
     if backend == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend
 
@@ -44,7 +48,8 @@ def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "
     if backend == "torch":
         from .torch_backend import TorchBackend
 
-        return TorchBackend(bundle, device, cuda_graph=bool(cuda_graph), threads=threads)
+        return TorchBackend(bundle, device, "float32" if reference is not None else None,
+                            cuda_graph=bool(cuda_graph), threads=threads, source=reference)
     if backend == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
@@ -76,12 +81,14 @@ class Session:
     """A loaded bundle on one backend: `generate` for results, `stream` for tokens as they come."""
 
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                 cuda_graph: bool | None = None, threads: int | None = None, check_integrity: bool = False):
+                 cuda_graph: bool | None = None, threads: int | None = None, check_integrity: bool = False,
+                 reference=None):
         """`check_integrity`: hash every bundle file against the manifest before loading (sizes,
-        paths and the manifest's own digest are checked on every open)."""
+        paths and the manifest's own digest are checked on every open). `reference`: see
+        create_backend."""
         self.bundle = Bundle.open(bundle_dir, check_integrity=check_integrity)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_path) if self.bundle.tokenizer_path else None
-        self.backend = create_backend(self.bundle, backend, device, cuda_graph, threads)
+        self.backend = create_backend(self.bundle, backend, device, cuda_graph, threads, reference)
         self.slots = KVSlots(self.bundle.max_batch)
         self.last_timings: dict = {}
         self._chat_template: ChatTemplate | None = None

@@ -54,10 +54,10 @@ class BundleSource:
             yield name, tensor.to(TORCH_DTYPES[dtype])
         if quantization is None:
             return
-        weights, scheme = self.bundle.weights, Scheme.from_dict(quantization)
+        weights = self.bundle.weights
         for name, record in quantization["tensors"].items():  # the exact weights the graphs compute with
-            zero_points = weights[record["zero_points"]] if record["zero_points"] else None
-            w = unpack(weights[record["codes"]], weights[record["scales"]], zero_points, scheme,
+            offsets = weights[record["offsets"]] if record["offsets"] else None
+            w = unpack(weights[record["codes"]], weights[record["scales"]], offsets, Scheme.from_dict(record),
                        tuple(record["shape"]))
             yield name, torch.from_numpy(w).to(TORCH_DTYPES[dtype])
 

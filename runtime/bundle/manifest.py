@@ -13,7 +13,7 @@ from pathlib import Path
 from llmexport import LLMExportError
 
 from . import integrity
-from .quant import stored_tensors
+from .quant import LAYOUTS, stored_tensors
 from .weights import NUMPY_DTYPES
 
 FORMAT = "llmexport-bundle"
@@ -75,9 +75,12 @@ def check_fields(m: dict, where: str) -> None:
              f"eos_token_ids {m.get('eos_token_ids')!r} are not token ids")
         quant = m.get("quantization")
         if quant is not None:
-            need(quant.get("bits") in (4, 8) and _positive_int(quant.get("block_size"))
-                 and isinstance(quant.get("symmetric"), bool), f"quantization scheme {quant!r} is malformed")
+            need(isinstance(quant["tensors"], dict), "quantization record is malformed")
             for name, record in quant["tensors"].items():
+                need(record.get("bits") in (4, 8) and _positive_int(record.get("block_size"))
+                     and isinstance(record.get("symmetric"), bool) and record.get("layout") in LAYOUTS
+                     and bool(record.get("offsets")) != record["symmetric"],
+                     f"quantized weight {name!r} has a malformed scheme")
                 need(all(s in weights["tensors"] for s in stored_tensors(record)) and len(record["shape"]) == 2
                      and all(_positive_int(d) for d in record["shape"]),
                      f"quantized weight {name!r} names tensors the weight index lacks")

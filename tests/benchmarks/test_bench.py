@@ -29,7 +29,7 @@ def test_bench_smoke_run_writes_a_complete_report(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "results" / "smoke.json").read_text())
-    assert result["schema"] == "llmexport-bench/1"
+    assert result["schema"] == "llmexport-bench/2"
     assert {"command", "config", "hardware", "versions", "read_bandwidth_bytes_per_s", "weight_bytes", "bundle",
             "roofline", "results"} <= set(result)
     ran = {r["backend"]: r for r in result["results"] if r["status"] == "ok"}
@@ -49,6 +49,53 @@ def test_bench_smoke_run_writes_a_complete_report(tmp_path):
     markdown = (tmp_path / "results" / "smoke.md").read_text()
     assert "fraction of floor" in markdown and "onnxruntime-cpu" in markdown
     assert (tmp_path / "results" / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quantized_variants_and_onnxruntime_genai_are_measured_beside(make_hf_checkpoint, tmp_path):
+    """--quant adds ONNX Runtime rows on int8/int4 bundles of the same model, each against the
+    floor of its own (smaller) weights; --genai builds onnxruntime-genai from the same checkpoint
+    and runs its generator on the same work, with the same thread count."""
+    from tests.conftest import write_tokenizer
+
+    checkpoint = make_hf_checkpoint("llama2")
+    write_tokenizer(checkpoint / "tokenizer.json")  # the builder saves a tokenizer beside the model
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    out = subprocess.run(
+        [sys.executable, "-c", "from llmexport.cli import main; main()", "bench", "--model", str(checkpoint),
+         "--prompt-lens", "8", "--batches", "1,2", "--decode-context", "8", "--warmup", "1", "--repeats", "2",
+         "--threads", "2", "--quant", "int8,int4,int4+sym+head4", "--genai", "int4", "--out", str(tmp_path / "results"),
+         "--name", "q", "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "results" / "q.json").read_text())
+    ran = {r["backend"]: r for r in result["results"] if r["status"] == "ok"}
+    assert {"onnxruntime-cpu", "onnxruntime-cpu int8", "onnxruntime-cpu int4", "onnxruntime-genai int4 (cpu)"} <= set(
+        ran), [r for r in result["results"] if r["status"] != "ok"]
+    sizes = [ran[name]["weight_bytes"] for name in ("onnxruntime-cpu", "onnxruntime-cpu int8", "onnxruntime-cpu int4")]
+    assert sizes[0] > sizes[1] > sizes[2] > ran["onnxruntime-cpu int4+sym+head4"]["weight_bytes"] > 0
+    assert ran["onnxruntime-genai int4 (cpu)"]["weight_bytes"] > 0
+    for name in ("onnxruntime-cpu int4", "onnxruntime-genai int4 (cpu)"):
+        decode = ran[name]["decode"]
+        assert set(decode) == {"1", "2"} and all(d["median_s"] > 0 and d["fraction_of_floor"] > 0
+                                                 for d in decode.values())
+    assert result["config"]["threads"] == 2
+    assert "| onnxruntime-genai int4 (cpu) |" in (tmp_path / "results" / "q.md").read_text()
+
+
+def test_bad_variant_names_are_clear_errors(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli("bench", "--model", "tiny-llama", "--quant", "int3", "--out", str(tmp_path))
+    assert result.returncode == 1 and "--quant int3: a variant is int8 or int4" in result.stderr
+    result = run_cli("bench", "--model", "tiny-llama", "--quant", "int4+fast", "--out", str(tmp_path))
+    assert result.returncode == 1 and "+sym, +asym, +head4, +head8" in result.stderr
+    result = run_cli("bench", "--model", "tiny-llama", "--genai", "fp32", "--genai-python", "/nonexistent/python",
+                     "--prompt-lens", "8", "--batches", "1", "--decode-context", "8", "--warmup", "0", "--repeats", "1",
+                     "--out", str(tmp_path / "r"), "--name", "s", "--workdir", str(tmp_path / "w"))
+    assert result.returncode == 0, result.stderr
+    skipped = {r["backend"]: r["reason"] for r in json.loads((tmp_path / "r" / "s.json").read_text())["results"]
+               if r["status"] == "skipped"}
+    assert "needs a checkpoint directory" in skipped["onnxruntime-genai fp32 (cpu)"]
 
 
 def test_report_is_named_after_what_was_measured_and_stays_inside_out(tmp_path):

@@ -28,26 +28,50 @@ SCHEMES = [Scheme(bits, 32, symmetric) for bits in (4, 8) for symmetric in (True
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 def test_unpack_inverts_pack_within_half_a_step(scheme):
     w = np.random.default_rng(0).normal(size=(24, 128)).astype(np.float32)
-    codes, scales, zero_points = pack(w, scheme, np.float32)
-    back = unpack(codes, scales, zero_points, scheme, w.shape)
-    step = np.repeat(scales, scheme.block_size, axis=1)
-    assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+    codes, scales, offsets = pack(w, scheme, np.float32)
+    assert (offsets is None) == scheme.symmetric
+    back = unpack(codes, scales, offsets, scheme, w.shape)
+    step = np.abs(np.repeat(scales, scheme.block_size, axis=1))
+    error = np.abs(back - w)
+    blocks = w.reshape(24, -1, scheme.block_size)
+    if scheme.symmetric:  # the largest magnitude sits on code 0, exact; its opposite side ends one step short
+        top = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+        inside = (w * np.sign(np.repeat(top[..., 0], scheme.block_size, axis=1)) >= -(2 ** (scheme.bits - 1) - 1)
+                  * step)
+        assert np.all(error[inside] <= step[inside] / 2 + 1e-6) and np.all(error <= step + 1e-6)
+        assert np.allclose(np.take_along_axis(back.reshape(blocks.shape), np.abs(blocks).argmax(-1)[..., None], -1),
+                           top, rtol=0, atol=1e-6)
+    else:  # [min, max] onto the full code range: both ends exact
+        assert np.all(error <= step / 2 + 1e-6)
+        got = back.reshape(blocks.shape)
+        assert np.allclose(got.min(-1), blocks.min(-1), atol=1e-6) and np.allclose(got.max(-1), blocks.max(-1),
+                                                                                    atol=1e-6)
     assert codes.shape == (24, 4, 32 * scheme.bits // 8) and codes.dtype == np.uint8
+
+
+def test_asymmetric_blocks_reproduce_a_grid_that_does_not_contain_zero():
+    """Weights already on a per-block grid min + i * step (a q4_1 GGUF's dequantized weights)
+    come back exactly: an integer zero point could not, the grid does not pass through 0."""
+    rng = np.random.default_rng(3)
+    step, low = rng.uniform(0.01, 0.02, (8, 4, 1)), rng.uniform(-0.2, -0.1, (8, 4, 1))
+    grid = rng.integers(0, 16, (8, 4, 32)).astype(np.float64)
+    grid[..., 0], grid[..., 1] = 0, 15
+    w = (low + step * grid).reshape(8, 128).astype(np.float32)
+    scheme = Scheme(4, 32, symmetric=False)
+    assert np.allclose(unpack(*pack(w, scheme, np.float32), scheme, w.shape), w, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 def test_the_layout_is_what_matmulnbits_computes_with(scheme):
-    """ONNX Runtime's MatMulNBits on our packed tensors == x @ unpack(...).T (accuracy level 1:
-    float32 compute, so only summation order differs)."""
+    """ONNX Runtime's MatMulNBits on our codes and scales (its default zero point) == x @ W.T for
+    W unpacked without offsets (accuracy level 1: float32 compute, so only summation order
+    differs). The offsets' own MatMul is checked by the bundle tests below."""
     rng = np.random.default_rng(1)
     n, k = 40, 256
     w, x = rng.normal(size=(n, k)).astype(np.float32), rng.normal(size=(3, k)).astype(np.float32)
-    codes, scales, zero_points = pack(w, scheme, np.float32)
+    codes, scales, _ = pack(w, scheme, np.float32)
     inputs, inits = ["x", "codes", "scales"], [numpy_helper.from_array(codes, "codes"),
                                                numpy_helper.from_array(scales, "scales")]
-    if zero_points is not None:
-        inputs.append("zero_points")
-        inits.append(numpy_helper.from_array(zero_points, "zero_points"))
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=scheme.bits,
                             block_size=scheme.block_size, accuracy_level=1)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
@@ -55,7 +79,7 @@ def test_the_layout_is_what_matmulnbits_computes_with(scheme):
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
                                                                    helper.make_opsetid("com.microsoft", 1)])
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    want = x @ unpack(codes, scales, zero_points, scheme, (n, k)).T
+    want = x @ unpack(codes, scales, None, scheme, (n, k)).T
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
 
 
@@ -66,11 +90,9 @@ def test_the_rows_view_is_what_gatherblockquantized_reads(scheme):
     """The same codes seen as [rows, K * bits / 8]: ONNX Runtime's gather returns exactly the
     unpacked rows (what the quantized embedding table relies on)."""
     w = np.random.default_rng(2).normal(size=(40, 128)).astype(np.float32)
-    codes, scales, zero_points = pack(w, scheme, np.float32)
-    inputs = ["rows", "ids", "scales"] + (["zero_points"] if zero_points is not None else [])
+    codes, scales, _ = pack(w, scheme, np.float32)
+    inputs = ["rows", "ids", "scales"]
     inits = [numpy_helper.from_array(codes.reshape(40, -1), "rows"), numpy_helper.from_array(scales, "scales")]
-    if zero_points is not None:
-        inits.append(numpy_helper.from_array(zero_points, "zero_points"))
     node = helper.make_node("GatherBlockQuantized", inputs, ["y"], domain="com.microsoft", gather_axis=0,
                             quantize_axis=1, block_size=scheme.block_size, bits=scheme.bits)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
@@ -79,15 +101,17 @@ def test_the_rows_view_is_what_gatherblockquantized_reads(scheme):
                                                                    helper.make_opsetid("com.microsoft", 1)])
     ids = np.array([[3, 7, 39]])
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
-    assert np.array_equal(got, unpack(codes, scales, zero_points, scheme, w.shape)[ids])
+    assert np.array_equal(got, unpack(codes, scales, None, scheme, w.shape)[ids])
 
 
-QUANTS = [QuantConfig("int8", accuracy_level=1), QuantConfig("int4", accuracy_level=1),
-          QuantConfig("int4", 16, symmetric=False, accuracy_level=1)]
+QUANTS = [QuantConfig("int8", accuracy_level=1),  # symmetric, int8 tables
+          QuantConfig("int4", accuracy_level=1),  # asymmetric linears, int8 symmetric tables
+          QuantConfig("int4", symmetric=True, accuracy_level=1, head="int4"),
+          QuantConfig("int4", 16, accuracy_level=1, head="int4")]  # asymmetric tables: gathered offsets
 
 
 def _id(q: QuantConfig) -> str:
-    return f"{q.method}-b{q.block_size}-{'sym' if q.symmetric else 'asym'}"
+    return f"{q.method}-b{q.block_size}-{q.symmetric}-head{q.head}"
 
 
 @pytest.mark.parametrize("quant", QUANTS, ids=_id)
@@ -96,7 +120,10 @@ def test_quantized_bundles_verify_and_match_the_dequantized_reference(bundle_fac
     bundle_dir, _ = bundle_factory(family, "ort", quant=quant)
     bundle = Bundle.open(bundle_dir)
     record = bundle.quantization
-    assert record["bits"] == quant.scheme.bits and record["block_size"] == quant.block_size
+    for name, tensor in record["tensors"].items():  # each weight's scheme, as a C host reads it
+        role = "head" if name in ("lm_head.weight", "model.embed_tokens.weight") else "linear"
+        assert Scheme.from_dict(tensor) == quant.scheme(role)
+        assert bool(tensor["offsets"]) == (not quant.scheme(role).symmetric)
     per_layer = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     quantized = set(record["tensors"])
     assert {n.split(".")[-2] for n in quantized if n.startswith("model.layers.")} == per_layer
@@ -111,6 +138,50 @@ def test_quantized_bundles_verify_and_match_the_dequantized_reference(bundle_fac
     ops = [n.op_type for n in onnx.load(str(bundle_dir / "decode.onnx"), load_external_data=False).graph.node]
     assert ops.count("GatherBlockQuantized") == 1
     assert ops.count("MatMulNBits") == 2 * 7 + 1  # every linear of both layers, and the LM head
+    assert verify_bundle(bundle_dir, prompts=4, decode_steps=4).ok
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    with Session(bundle_dir) as ort_side, Session(bundle_dir, backend="torch") as reference:
+        assert ort_side.generate(prompts, params).token_ids == reference.generate(prompts, params).token_ids
+
+
+@pytest.mark.parametrize("quant", [QuantConfig("int4", 16), QuantConfig("int8")], ids=_id)
+@pytest.mark.parametrize("target", ["portable", "tensorrt"])
+@pytest.mark.parametrize("family", ["llama2", "qwen2"])
+def test_standard_targets_feed_blocked_dequantizelinear_into_matmul(bundle_factory, family, target, quant):
+    """portable/tensorrt: signed int4/int8 [K, N] weights through opset-21 blocked
+    DequantizeLinear (axis 0, zero zero-points: what TensorRT's weight-only quantization takes)
+    straight into MatMul; no contrib op; the embedding (and so a tied table) stays float. The
+    bundles verify and give the dequantized reference's greedy tokens (tensorrt's through the
+    attention function's ONNX body, which ONNX Runtime runs)."""
+    from llmexport.exporter.tensorrt_ops import SUPPORTED
+
+    bundle_dir, _ = bundle_factory(family, target, quant=quant)
+    bundle = Bundle.open(bundle_dir)
+    record = bundle.quantization
+    assert record["layout"] == "DequantizeLinear"
+    assert "model.embed_tokens.weight" not in record["tensors"] and "model.embed_tokens.weight" in bundle.weights
+    assert ("lm_head.weight" in record["tensors"]) == (family == "llama2")
+    model = onnx.load(str(bundle_dir / "decode.onnx"), load_external_data=False)
+    initializers = {i.name: i for i in model.graph.initializer}
+    users = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node.op_type)
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantize) == 2 * 7 + (family == "llama2")
+    bits = {r["codes"]: r["bits"] for r in record["tensors"].values()}  # the LM head: --quant-head int8
+    for node in dequantize:
+        codes = initializers[node.input[0]]
+        assert codes.data_type == {4: TensorProto.INT4, 8: TensorProto.INT8}[bits[codes.name]]
+        assert len(node.input) == 2  # no zero point: signed codes
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs == {"axis": 0, "block_size": quant.block_size}
+        assert users[node.output[0]] == ["MatMul"]
+    assert {n.domain for n in model.graph.node} <= {"", "llmexport"} and not any(
+        n.domain == "com.microsoft" for n in model.graph.node)
+    if target == "tensorrt":
+        assert {n.op_type for n in model.graph.node if n.domain == ""} <= SUPPORTED
     assert verify_bundle(bundle_dir, prompts=4, decode_steps=4).ok
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
@@ -157,7 +228,6 @@ _ODD = dataclasses.replace(get_preset("tiny-llama"), hidden_size=96, intermediat
     (QuantConfig("int4", 256), "ort", "float32", "--quant-block 256 does not divide the 96 inputs"),
     (QuantConfig("int4", 64), "ort", "float32", "--quant-block 64 does not divide the 96 inputs"),
     (QuantConfig("int3"), "ort", "float32", "unknown --quant 'int3'"),
-    (QuantConfig("int4"), "portable", "float32", "implemented for --target ort only"),
     (QuantConfig("int4"), "ort", "bfloat16", "needs --dtype float32 or float16"),
     (QuantConfig("int4", accuracy_level=7), "ort", "float32", "--accuracy-level 7"),
     (QuantConfig("int4", skip=frozenset({"mlp"})), "ort", "float32", "only lm_head, embed can be skipped"),

@@ -63,3 +63,23 @@ def test_eval_cli_and_errors(bundle_factory, tmp_path):
     assert result.returncode == 1 and "cannot read --text" in result.stderr
     with Session(bundle_dir) as session, pytest.raises(LLMExportError, match="outside the bundle's vocabulary"):
         perplexity(session, [1, 2, 10**6])
+
+
+def test_eval_model_scores_the_unquantized_source_through_a_quantized_bundle(bundle_factory, tmp_path):
+    """--model: the checkpoint the bundle came from, on the torch reference in float32, with the
+    bundle's tokenizer and windows: transformers' figure, not the int4 bundle's own."""
+    bundle_dir, checkpoint = bundle_factory("llama3", "ort", quant=QuantConfig("int4", accuracy_level=1))
+    (tmp_path / "t.txt").write_text(TEXT)
+    args = ["eval", "--bundle", str(bundle_dir), "--text", str(tmp_path / "t.txt"), "--window", "40"]
+    with Session(bundle_dir) as session:
+        ids = session.tokenizer.encode(TEXT)
+        own = perplexity(session, ids, window=40).perplexity
+    result = run_cli(*args, "--model", str(checkpoint))
+    assert result.returncode == 0, result.stderr
+    figure = float(result.stdout.split()[1])
+    assert figure == pytest.approx(_transformers_perplexity(checkpoint, ids, 40), rel=1e-4)
+    assert abs(figure - own) / figure > 1e-4 and "on --model" in result.stdout
+    result = run_cli(*args, "--model", "tiny-qwen2")
+    assert result.returncode == 1 and "is not the model" in result.stderr
+    result = run_cli(*args, "--model", str(checkpoint), "--backend", "onnxruntime")
+    assert result.returncode == 1 and "runs on the torch backend" in result.stderr
