@@ -28,22 +28,29 @@ def _reference(q, k, v, lens, scale):
     return torch.einsum("bht,bhtd->bhd", probs, v.repeat_interleave(g, 1).float())
 
 
+LAUNCHES_PER_SAMPLE = 50  # GPU: back-to-back calls between one pair of events
+
+
 def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
     import time
 
     import torch
 
     def cuda_time(fn, repeats):
+        """Seconds per call: each sample times LAUNCHES_PER_SAMPLE calls queued back to back
+        between two events and divides. One call between events would measure launch latency
+        and event overhead (several microseconds), not a kernel that itself takes microseconds."""
         fn()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         samples = []
         for _ in range(repeats):
             start.record()
-            fn()
+            for _ in range(LAUNCHES_PER_SAMPLE):
+                fn()
             end.record()
             torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1000)
+            samples.append(start.elapsed_time(end) / 1000 / LAUNCHES_PER_SAMPLE)
         return statistics.median(samples)
 
     def cpu_time(fn, repeats):

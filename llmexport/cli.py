@@ -436,6 +436,29 @@ def bench_kernels(
     console.print(markdown(report))
 
 
+@app.command()
+def doctor(
+    device: str = typer.Option("cpu", help="cpu, or cuda: exit 1 unless everything a GPU run needs is ok."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of the table."),
+) -> None:
+    """What this machine can run: Python, onnxruntime and its providers, GPU, CUDA/cuDNN, torch,
+    TensorRT, Triton, onnxruntime-genai; one line per check with ok / missing / fail and why."""
+    from llmexport.runtime.doctor import failures, render, run_checks
+
+    if device not in ("cpu", "cuda"):
+        raise LLMExportError(f"unknown --device {device!r}; use cpu or cuda")
+    checks = run_checks()
+    failed = failures(checks, device)
+    if as_json:
+        print(json.dumps({"device": device, "ok": not failed, "checks": [c.to_dict() for c in checks]}, indent=2))
+    else:
+        print(render(checks))  # plain: one unwrapped line per check
+        if failed:
+            print(f"--device {device}: not ready ({', '.join(c.name for c in failed)})")
+    if failed:
+        raise typer.Exit(1)
+
+
 def _variants(text: str) -> tuple[str, ...]:
     from llmexport.benchmarks.suite import quant_flags
 

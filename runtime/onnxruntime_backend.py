@@ -206,5 +206,25 @@ def create_session(bundle: Bundle, weights: dict[str, object], graph, *, device:
     try:
         return ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LLMExportError(f"cannot load {where}: {first}; the file is corrupt, re-export the bundle") from None
+        raise session_error(e, where, device) from None
+
+
+# ONNX Runtime's exception classes (onnxruntime.capi.onnxruntime_pybind11_state) whose cause is the
+# file itself; any other failure (a missing kernel, a provider or device problem, an argument this
+# code passed) is not cured by re-exporting, so it is reported for what it is.
+_FILE_ERRORS = ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NoModel")
+
+
+def session_error(error: Exception, where: str, device: str) -> LLMExportError:
+    """The one-line error for an InferenceSession that could not be created."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    kind = type(error).__name__
+    if kind in _FILE_ERRORS:
+        return LLMExportError(f"cannot load {where}: {first}; the file is corrupt, re-export the bundle")
+    if kind == "NotImplemented":
+        return LLMExportError(f"ONNX Runtime {_ort().__version__} has no {device} kernel for an op of {where}: "
+                              f"{first}; upgrade onnxruntime, or export for another --target/--dtype")
+    if kind == "EPFail" or device != "cpu":
+        return LLMExportError(f"ONNX Runtime could not set up {where} on {device} ({kind}): {first}; check the "
+                              f"GPU, its driver and the CUDA/cuDNN versions onnxruntime-gpu needs")
+    return LLMExportError(f"ONNX Runtime could not create a session for {where} ({kind}): {first}")

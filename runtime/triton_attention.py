@@ -26,11 +26,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from llmexport import LLMExportError
+
 
 @triton.jit
 def _partial(q_ptr, k_ptr, v_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, scale, window,
              stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, chunk, splits,
-             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+             PRECISION: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(lens_ptr + b)
     first = tl.where(window > 0, tl.maximum(length - window, 0), 0)
@@ -50,13 +53,13 @@ def _partial(q_ptr, k_ptr, v_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, scale, window
         valid = n < hi
         k = tl.load(k_ptr + base + n[:, None] * stride_kt + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + base + n[:, None] * stride_kt + d[None, :], mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # (BLOCK_G, BLOCK_N)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m = m_new
     row = (b * tl.num_programs(1) + h) * splits + s
     tl.store(m_ptr + row * BLOCK_G + g, m)
@@ -94,6 +97,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale: float, window: int = 
 
     batch, hq, d = q.shape
     _, hkv, t, _ = k_cache.shape
+    _check(d, q=q, k_cache=k_cache, v_cache=v_cache, out=out)
     g = hq // hkv
     block_g = max(16, triton.next_power_of_2(g))  # tl.dot needs >= 16 rows
     splits = triton.cdiv(t, chunk)
@@ -105,7 +109,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale: float, window: int = 
     _partial[(batch, hkv, splits)](
         q, k_cache, v_cache, seq_lens, m, l, acc, scale, window,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), chunk, splits,
-        G=g, BLOCK_G=block_g, D=d, BLOCK_N=block_n)
+        G=g, BLOCK_G=block_g, D=d, BLOCK_N=block_n, PRECISION=_precision(q))
     _combine[(batch, hkv)](m, l, acc, out, out.stride(0), out.stride(1), splits,
                            G=g, BLOCK_G=block_g, D=d, BLOCK_S=triton.next_power_of_2(splits))
     return out
@@ -114,7 +118,8 @@ def decode_attention(q, k_cache, v_cache, seq_lens, scale: float, window: int = 
 @triton.jit
 def _prefill(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, scale, window, seq,
              stride_qb, stride_qs, stride_qh, stride_kb, stride_kh, stride_kt, stride_pb,
-             G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             PRECISION: tl.constexpr):
     b, hq, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     h = hq // G
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,7 +139,7 @@ def _prefill(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, scale, window, seq,
         loadable = n < top
         k = tl.load(k_ptr + base + n[:, None] * stride_kt + d[None, :], mask=loadable[:, None], other=0.0)
         v = tl.load(v_ptr + base + n[:, None] * stride_kt + d[None, :], mask=loadable[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # (BLOCK_M, BLOCK_N)
         visible = (n[None, :] <= p[:, None]) & loadable[None, :]
         visible = visible & ((window <= 0) | (p[:, None] - n[None, :] < window))
         scores = tl.where(visible, scores, float("-inf"))
@@ -143,7 +148,7 @@ def _prefill(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, scale, window, seq,
         alpha = tl.exp(m - m_safe)
         weights = tl.exp(scores - m_safe[:, None])
         l = l * alpha + tl.sum(weights, 1)
-        acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m = m_new
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     tl.store(out_ptr + b * stride_qb + rows[:, None] * stride_qs + hq * stride_qh + d[None, :],
@@ -157,9 +162,32 @@ def prefill_attention(q, k_cache, v_cache, position_ids, scale: float, window: i
 
     batch, seq, hq, d = q.shape
     hkv = k_cache.shape[1]
+    _check(d, q=q, k_cache=k_cache, v_cache=v_cache, out=out)
+    if out is not None and out.stride() != q.stride():  # the kernel stores with q's strides
+        raise LLMExportError(f"out must have q's strides {q.stride()}, not {out.stride()}")
     out = torch.empty_like(q) if out is None else out
     _prefill[(batch, hq, triton.cdiv(seq, block_m))](
         q, k_cache, v_cache, position_ids, out, scale, window, seq,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        position_ids.stride(0), G=hq // hkv, D=d, BLOCK_M=block_m, BLOCK_N=block_n)
+        position_ids.stride(0), G=hq // hkv, D=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q))
     return out
+
+
+def _precision(q) -> str:
+    """tl.dot's input precision: on tensor-core GPUs float32 operands default to TF32 (10-bit
+    mantissa); "ieee" keeps float32 attention float32 (Triton's tl.dot documentation). Half
+    precision operands are unaffected."""
+    import torch
+
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _check(head_dim: int, **tensors) -> None:
+    """What the kernels assume: tl.arange(0, D) needs a power of two (and tl.dot >= 16), and the
+    head_dim axis is read with unit stride."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise LLMExportError(f"the Triton attention kernels need a power-of-two head_dim >= 16, not {head_dim}; "
+                             f"use the torch attention for this model")
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.stride(-1) != 1:
+            raise LLMExportError(f"{name} must be contiguous in its last (head_dim) axis; pass {name}.contiguous()")

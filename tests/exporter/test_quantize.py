@@ -189,6 +189,16 @@ def test_standard_targets_feed_blocked_dequantizelinear_into_matmul(bundle_facto
         assert ort_side.generate(prompts, params).token_ids == reference.generate(prompts, params).token_ids
 
 
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_float16_bundles_quantize_with_float16_scales_and_offsets(bundle_factory, target):
+    bundle_dir, _ = bundle_factory("qwen2", target, "float16", quant=QuantConfig("int4", 16, accuracy_level=1))
+    bundle = Bundle.open(bundle_dir)
+    for record in bundle.quantization["tensors"].values():
+        assert all(bundle.manifest["weights"]["tensors"][record[role]]["dtype"] == "float16"
+                   for role in ("scales", "offsets") if record[role])
+    assert verify_bundle(bundle_dir, prompts=2, decode_steps=4).ok
+
+
 def test_int8_compute_is_verified_on_its_exact_weights(bundle_factory):
     """The default accuracy level 4: verify (unprepacked, float32 compute) checks the plumbing
     on the same packed weights; sessions then run the int8-compute kernels."""

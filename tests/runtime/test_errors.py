@@ -159,3 +159,28 @@ def test_device_errors_name_the_fix(bundle_factory, device, message):
     bundle_dir, _ = bundle_factory("llama3", "ort")
     with pytest.raises(LLMExportError, match=message):
         Session(bundle_dir, device=device)
+
+
+def test_session_failures_say_what_they_are():
+    """Only a file ONNX Runtime cannot parse is called corrupt; a missing kernel or a device
+    problem says so (re-exporting would not help)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from llmexport.runtime.onnxruntime_backend import session_error
+
+    node = helper.make_node("Erf", ["x"], ["y"])  # valid ONNX, but ONNX Runtime's CPU has no double kernel
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    failures = {}
+    for name, data in (("kernel", model.SerializeToString()), ("parse", b"not a protobuf")):
+        with pytest.raises(Exception) as raised:
+            ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        failures[name] = raised.value
+    kernel = str(session_error(failures["kernel"], "g.onnx", "cpu"))
+    assert "has no cpu kernel for an op of g.onnx" in kernel and "corrupt" not in kernel
+    assert "the file is corrupt, re-export" in str(session_error(failures["parse"], "g.onnx", "cpu"))
+    failures["device"] = RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
+    device = str(session_error(failures["device"], "decode.onnx", "cuda"))
+    assert "could not set up decode.onnx on cuda" in device and "driver" in device and "corrupt" not in device

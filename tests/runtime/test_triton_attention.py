@@ -115,3 +115,26 @@ PREFILL_CASES = [  # batch, new tokens, hq, hkv, head_dim, T, window, dtype
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"b{c[0]}-s{c[1]}-h{c[2]}/{c[3]}-w{c[6]}-{c[7]}")
 def test_prefill_kernel_matches_the_reference(case):
     _interpret(PREFILL_CHECK, case, case[7])
+
+
+def test_what_the_kernels_assume_is_checked_and_float32_stays_ieee():
+    """A head_dim that is not a power of two (tl.arange) and a non-unit last stride are clear
+    errors before any launch; float32 operands ask tl.dot for IEEE precision (its default on
+    tensor-core GPUs is TF32, which the 1e-5 tolerance above would not survive on a GPU)."""
+    import torch
+
+    from llmexport import LLMExportError
+    from llmexport.runtime import triton_attention as ta
+
+    q, k = torch.zeros(1, 4, 80), torch.zeros(1, 2, 8, 80)
+    with pytest.raises(LLMExportError, match="power-of-two head_dim >= 16, not 80"):
+        ta.decode_attention(q, k, k, torch.ones(1, dtype=torch.int32), 0.1)
+    q, k = torch.zeros(1, 4, 32), torch.zeros(1, 2, 32, 8).transpose(2, 3)  # head_dim axis strided
+    with pytest.raises(LLMExportError, match="k_cache must be contiguous in its last"):
+        ta.decode_attention(q, k, k.contiguous(), torch.ones(1, dtype=torch.int32), 0.1)
+    q = torch.zeros(1, 3, 4, 32)
+    with pytest.raises(LLMExportError, match="out must have q's strides"):
+        cache = torch.zeros(1, 2, 8, 32)
+        ta.prefill_attention(q, cache, cache, torch.zeros(1, 3, dtype=torch.int32), 0.1,
+                             out=torch.zeros(1, 4, 3, 32).transpose(1, 2))
+    assert ta._precision(torch.zeros(1)) == "ieee" and ta._precision(torch.zeros(1).half()) == "tf32"
