@@ -14,8 +14,9 @@ from the same packed bytes. A tied table (Qwen2, SmolLM2) is stored once and rea
 both the gather and the LM head's MatMulNBits (a second weight-index entry, `rows`, names the
 same bytes as a [vocab, hidden * bits / 8] matrix); skipping either keeps the table float.
 
-Not yet (refused with a clear error): the `portable` and `tensorrt` targets (blocked
-DequantizeLinear).
+The `portable` and `tensorrt` targets read signed int4/int8 [K, N] codes through standard
+blocked DequantizeLinear (opset 21, axis 0, no zero point) straight into MatMul, the pattern
+TensorRT's weight-only quantization consumes; their embedding (and so a tied table) stays float.
 """
 
 from __future__ import annotations
