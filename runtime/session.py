@@ -124,7 +124,11 @@ class Session:
         yield from self.stream([self.render_chat(messages)], params)
 
     def close(self) -> None:
+        """Free the backend (sessions, caches) and drop the bundle's memory map of the weights,
+        even while this object is still referenced (qwen2-0.5b int4 on ONNX Runtime: RSS 1000
+        MiB open, 156 after close; 585 before close released the map)."""
         self.backend.close()
+        self.bundle.release()
 
     def __enter__(self) -> "Session":
         return self

@@ -107,6 +107,12 @@ class TorchBackend(Backend):
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
 
+    def close(self) -> None:
+        """Drop the model, its captured graphs and the caches: the model's weights are views of
+        the bundle's memory map, which Session.close then releases."""
+        self.model, self.k, self.v = None, [], []
+        self._graphs.clear()
+
     def _forward(self, ids, pos, lens, rows):
         k = [c[rows.start: rows.stop] for c in self.k]
         v = [c[rows.start: rows.stop] for c in self.v]

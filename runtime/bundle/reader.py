@@ -122,10 +122,16 @@ class Bundle:
         memory map shared by every backend of this bundle (bfloat16 as raw uint16 bits)."""
         return map_weights(self.weights_path, self.manifest["weights"]["tensors"])
 
+    def release(self) -> None:
+        """Forget the memory map of weights.bin (`weights`): it is unmapped, and its resident
+        pages returned, once no backend holds a view of it. Reading `weights` maps it again."""
+        self.__dict__.pop("weights", None)
+
     @property
     def quantization(self) -> dict | None:
-        """The manifest's quantization record (None for a float bundle): scheme, accuracy level,
-        and per checkpoint weight the names of its codes, scales and zero points."""
+        """The manifest's quantization record (None for a float bundle): method, accuracy level,
+        layout, and per checkpoint weight its scheme and the names of its codes, scales, offsets
+        and rows."""
         return self.manifest.get("quantization")
 
     @property
