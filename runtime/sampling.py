@@ -56,17 +56,33 @@ class Sampler:
         if p.temperature == 0:
             return logits.argmax(-1)
         logits /= p.temperature
-        if p.top_k:
-            kth = np.sort(logits, axis=-1)[:, -min(p.top_k, logits.shape[-1])][:, None]
+        if p.top_k:  # the k-th largest by partition, O(V), not a sort of the vocabulary
+            k = min(p.top_k, logits.shape[-1])
+            kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
             logits[logits < kth] = -np.inf
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         if p.top_p < 1.0:
-            order = np.argsort(-probs, axis=-1, kind="stable")
-            sorted_probs = np.take_along_axis(probs, order, -1)
-            before = np.cumsum(sorted_probs, -1) - sorted_probs  # mass of the more likely tokens
-            sorted_probs[before >= p.top_p] = 0  # keep the smallest prefix reaching top_p
-            probs = np.zeros_like(probs)
-            np.put_along_axis(probs, order, sorted_probs, -1)
-            probs /= probs.sum(-1, keepdims=True)
+            probs = np.stack([_top_p(row, p.top_p) for row in probs])
         return np.array([self.rng.choice(probs.shape[-1], p=row) for row in probs])
+
+
+def _top_p(probs: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:
+    """`probs` with only the smallest most-likely prefix reaching `top_p` kept, renormalised;
+    the prefix is ordered as a stable sort of the whole row would order it (ties by token id).
+    Only the most likely candidates are sorted: the `n` largest (and every token tied with the
+    n-th), n doubling from `first` until their mass reaches top_p, so a 151,936-token row costs
+    a partition and a sort of a few hundred values, not a sort of the vocabulary."""
+    size, n = probs.shape[-1], min(first, probs.shape[-1])
+    while True:
+        cut = np.partition(probs, size - n)[size - n]  # the n-th largest value
+        candidates = np.flatnonzero(probs >= cut)  # ascending ids: ties stay in id order below
+        ordered = candidates[np.argsort(-probs[candidates], kind="stable")]
+        mass = np.cumsum(probs[ordered])
+        if mass[-1] >= top_p or len(candidates) == size or n == size:
+            before = mass - probs[ordered]  # mass of the more likely tokens
+            kept = ordered[before < top_p]
+            out = np.zeros_like(probs)
+            out[kept] = probs[kept]
+            return out / out.sum()
+        n = min(2 * n, size)

@@ -38,3 +38,31 @@ def test_same_seed_same_draws():
     params = SamplingParams(temperature=1.0, seed=3)
     a, b = Sampler(params), Sampler(params)
     assert [int(a(LOGITS, [[]])[0]) for _ in range(50)] == [int(b(LOGITS, [[]])[0]) for _ in range(50)]
+
+
+def test_top_p_on_the_candidates_equals_a_sort_of_the_whole_vocabulary():
+    """_top_p sorts only the most likely candidates; on random rows, with ties and without,
+    it keeps exactly what a stable sort of the whole row keeps."""
+    import numpy as np
+
+    from llmexport.runtime.sampling import _top_p
+
+    def full(probs, top_p):
+        order = np.argsort(-probs, kind="stable")
+        kept = probs[order]
+        kept[np.cumsum(kept) - kept >= top_p] = 0
+        out = np.zeros_like(probs)
+        out[order] = kept
+        return out / out.sum()
+
+    rng = np.random.default_rng(0)
+    for trial in range(600):
+        logits = rng.normal(size=int(rng.integers(1, 400))) * rng.choice([0.1, 1.0, 5.0])
+        if trial % 3 == 0:
+            logits = np.round(logits)  # many ties
+        if trial % 7 == 0:
+            logits[:] = 0  # every token tied
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        top_p = float(rng.choice([0.01, 0.3, 0.5, 0.9, 0.999, 0.99999]))
+        assert np.array_equal(_top_p(probs.copy(), top_p), full(probs.copy(), top_p)), trial
