@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from llmexport.benchmarks.measure import stored_weight_bytes
 from llmexport.runtime.sampling import SamplingParams
 from llmexport.runtime.session import Session
 
@@ -22,7 +23,7 @@ def measure(bundle: str, threads: int, prompt_len: int, new_tokens: int, batches
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     row = {}
     with Session(bundle, threads=threads) as session:
-        row["weight_bytes"] = sum(t["length"] for t in session.bundle.manifest["weights"]["tensors"].values())
+        row["weight_bytes"] = stored_weight_bytes(session.bundle.manifest["weights"]["tensors"])
         for batch in batches:
             prompts = [np.random.default_rng(i).integers(3, 1000, prompt_len).tolist() for i in range(batch)]
             session.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up

@@ -83,3 +83,11 @@ def _seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def stored_weight_bytes(tensors: dict) -> int:
+    """Bytes a bundle's weight index (manifest `weights.tensors`) stores for the model, packed
+    codes, scales and offsets included: each byte range once (an alias, the tied table's
+    `rows` view, names the same bytes), the rope tables left out."""
+    return sum(length for _, length in {(t["offset"], t["length"]) for n, t in tensors.items()
+                                        if not n.startswith("rope_")})

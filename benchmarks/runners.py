@@ -21,9 +21,11 @@ class BundleRunner:
     """A runtime backend (onnxruntime, torch) on a bundle."""
 
     def __init__(self, name: str, bundle_dir, backend: str, device: str, cuda_graph: bool | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, weight_bytes: int | None = None):
+        """`weight_bytes`: the bundle's stored weight bytes, when they differ from the float
+        model's (a quantized variant: its roofline uses them)."""
         self.name, self.bundle_dir, self.backend_name, self.device = name, bundle_dir, backend, device
-        self.cuda_graph, self.threads = cuda_graph, threads
+        self.cuda_graph, self.threads, self.weight_bytes = cuda_graph, threads, weight_bytes
         self.backend = None
 
     def check(self) -> None:

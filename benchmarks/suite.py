@@ -23,7 +23,7 @@ import numpy as np
 import llmexport
 from llmexport import LLMExportError
 
-from .measure import cuda_read_bandwidth, host_read_bandwidth, rss_bytes, timed
+from .measure import cuda_read_bandwidth, host_read_bandwidth, rss_bytes, stored_weight_bytes, timed
 from .genai import GenaiRunner, default_python
 from .runners import BundleRunner, MissingRunner, TransformersEagerRunner, Unavailable
 
@@ -118,9 +118,12 @@ def _runners(config: BenchConfig, bundle: Path, quantized: dict[str, Path]) -> l
         MissingRunner("tensorrt", "TensorRT is not installed (and no TensorRT backend in this version)"),
     ]
     for quant, path in quantized.items():
-        runners.append(BundleRunner(f"onnxruntime-cpu {quant}", path, "onnxruntime", "cpu", threads=threads))
+        stored = stored_weight_bytes(json.loads((path / "manifest.json").read_text())["weights"]["tensors"])
+        runners.append(BundleRunner(f"onnxruntime-cpu {quant}", path, "onnxruntime", "cpu", threads=threads,
+                                    weight_bytes=stored))
         if gpu:
-            runners.append(BundleRunner(f"onnxruntime-cuda {quant} + CUDA graph", path, "onnxruntime", "cuda"))
+            runners.append(BundleRunner(f"onnxruntime-cuda {quant} + CUDA graph", path, "onnxruntime", "cuda",
+                                        weight_bytes=stored))
     checkpoint = None if config.bundle else config.model
     runners += [GenaiRunner(p, checkpoint, config.genai_python or default_python(), Path(config.workdir), config)
                 for p in config.genai]
@@ -148,6 +151,8 @@ def _measure(runner, config: BenchConfig, vocab: int, progress: Progress) -> dic
     start = time.perf_counter()
     runner.load()
     result = {"backend": runner.name, "status": "ok", "load_s": time.perf_counter() - start, "ttft": {}, "decode": {}}
+    if getattr(runner, "weight_bytes", None):  # a quantized variant: its own stored bytes
+        result["weight_bytes"] = runner.weight_bytes
     for length in config.prompt_lens:
         progress(f"{runner.name}: prefill {length} tokens")
         ids = rng.integers(0, vocab, (1, length))
@@ -161,13 +166,6 @@ def _measure(runner, config: BenchConfig, vocab: int, progress: Progress) -> dic
     result["host_rss_growth_bytes"] = max(rss_bytes() - before, 0)
     result["peak_device_bytes"] = max(_device_used(config.device) - device_before, 0)
     return result
-
-
-def _stored_bytes(bundle_dir: Path) -> int:
-    """Bytes of a bundle's weights as stored (packed codes, scales and offsets for a quantized one)."""
-    tensors = json.loads((bundle_dir / "manifest.json").read_text())["weights"]["tensors"]
-    return sum(length for _, length in {(t["offset"], t["length"]) for n, t in tensors.items()  # aliases once
-                                        if not n.startswith("rope_")})
 
 
 def _device_used(device: str) -> int:
@@ -192,8 +190,6 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None
     bundle = Bundle.open(bundle_dir)
     mc = ModelConfig.from_dict(bundle.config)
     weight_bytes = mc.weight_bytes(config.dtype)
-    stored = {f"onnxruntime-{device} {q}": _stored_bytes(path) for q, path in quantized.items()
-              for device in ("cpu", "cuda")}
     results = []
     for runner in _runners(config, bundle_dir, quantized):
         try:
@@ -208,8 +204,7 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None
         kv = mc.kv_cache_bytes(batch, context, config.dtype)
         roofline[str(batch)] = {"bytes_read": weight_bytes + kv, "floor_s": (weight_bytes + kv) / bandwidth}
     for r in (r for r in results if r["status"] == "ok"):  # each against its own weights' bytes
-        own = r.get("weight_bytes") or stored.get(r["backend"].removesuffix(" + CUDA graph"), weight_bytes)
-        r["weight_bytes"] = own
+        own = r["weight_bytes"] = r.get("weight_bytes") or weight_bytes
         for batch, d in r.get("decode", {}).items():
             read = own + mc.kv_cache_bytes(int(batch), context, config.dtype)
             d["fraction_of_floor"] = read / bandwidth / d["median_s"]

@@ -45,11 +45,11 @@ class QuantConfig:
     symmetric: bool | None = None  # None: by bits, int8 symmetric and int4 asymmetric (README: measured)
     accuracy_level: int = 4
     skip: frozenset[str] = field(default_factory=frozenset)
-    head: str | None = None  # the vocabulary tables (embedding, LM head): None = int8
+    head: str = "int8"  # the vocabulary tables (embedding, LM head)
 
     def scheme(self, role: str = "linear", target: str = "ort") -> Scheme:
         """The scheme of the linear layers, or of the vocabulary tables (role "head")."""
-        bits = BITS[(self.head or "int8") if role == "head" else self.method]
+        bits = BITS[self.head if role == "head" else self.method]
         return Scheme(bits, self.block_size, bits == 8 if self.symmetric is None else self.symmetric,
                       layout(target))
 
@@ -62,7 +62,7 @@ def layout(target: str) -> str:
 
 
 def check_quant(quant: QuantConfig, target: str, dtype: str) -> None:
-    for flag, method in (("--quant", quant.method), ("--quant-head", quant.head or "int8")):
+    for flag, method in (("--quant", quant.method), ("--quant-head", quant.head)):
         if method not in BITS:
             raise LLMExportError(f"unknown {flag} {method!r}; choose int8 or int4")
     if dtype not in ("float32", "float16"):

@@ -62,7 +62,7 @@ def write_weights(source: ModelSource, dtype: str, max_seq_len: int, wanted: Ite
     wanted, quantized = set(wanted), quantized or {}
     by_source = {io.checkpoint_name(n)[0]: n for n in wanted}
     with WeightWriter(path) as writer:
-        for name, tensor in _tensors(source, max_seq_len):
+        for name, tensor in _tensors(source, "float32" if quantized else dtype, max_seq_len):
             if name in quantized:
                 roles = quantized[name]
                 packed = pack(tensor.numpy(), Scheme.from_dict(roles), NUMPY_DTYPES[dtype])
@@ -89,9 +89,10 @@ def write_weights(source: ModelSource, dtype: str, max_seq_len: int, wanted: Ite
     return writer.entries
 
 
-def _tensors(source: ModelSource, max_seq_len: int):
-    """float32 tensors, one at a time (quantization packs from float32, not from the bundle dtype)."""
-    yield from source.tensors("float32")
+def _tensors(source: ModelSource, dtype: str, max_seq_len: int):
+    """Tensors in `dtype`, one at a time (a quantized export asks for float32: it packs from
+    float32, not from the bundle dtype; a float export converts once, straight to its dtype)."""
+    yield from source.tensors(dtype)
     cos, sin = rope_tables(source.config, max_seq_len)
     yield io.ROPE_COS, cos
     yield io.ROPE_SIN, sin

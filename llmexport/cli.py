@@ -89,8 +89,7 @@ def onnx(
     max_batch: int = typer.Option(8, help="Largest batch the runtime will run."),
     seed: int = typer.Option(0, min=0, help="Seed of a preset's random weights."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
-    quant: str = typer.Option("none", help="Weight-only quantization of the linear layers: none, int8 or int4 "
-                                           "(--target ort)."),
+    quant: str = typer.Option("none", help="Weight-only quantization of the linear layers: none, int8 or int4."),
     quant_block: int = typer.Option(32, help="Weights per scale along each row (power of two >= 16)."),
     quant_asymmetric: Optional[bool] = typer.Option(
         None, "--quant-asymmetric/--quant-symmetric",

@@ -145,7 +145,7 @@ def unpack(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, sc
     blocks = k // scheme.block_size
     if scheme.layout == DEQUANTIZE:  # back to the MatMulNBits orientation and unsigned codes
         q = _unpack_nibbles(codes, n) if scheme.bits == 4 else codes
-        codes, q = None, (q ^ np.uint8(2 ** (scheme.bits - 1))).T
+        q = (q ^ np.uint8(2 ** (scheme.bits - 1))).T
         scales = scales.T
     else:
         q = _unpack_nibbles(codes, scheme.block_size) if scheme.bits == 4 else codes
