@@ -2,7 +2,7 @@
 
 A backend loads a bundle's prefill and decode graphs, allocates every KV buffer once for
 `cache_rows (default max_batch) x max_seq_len` on its device, and runs one step on a contiguous range of cache rows
-(the sequences of one request, handed out by runtime.kv_slots.KVSlots).
+(runtime/engine.py decides which: a batch of fresh prompts, one prompt's chunk, or the decode window 0..W-1).
 """
 
 from __future__ import annotations

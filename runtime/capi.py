@@ -57,7 +57,7 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
     from llmexport.runtime.sampling import SamplingParams
     from llmexport.runtime.session import BACKENDS, Session
 
-    sessions: dict[int, tuple[Session, threading.Lock]] = {}
+    sessions: dict[int, tuple[Session, Users]] = {}
     ids = itertools.count(1)
     local = threading.local()
     version = ffi.new("char[]", llmexport.__version__.encode())
@@ -162,7 +162,7 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
         except LLMExportError as e:
             return fail(BUNDLE, str(e))
         handle = next(ids)
-        sessions[handle] = (session, threading.Lock())
+        sessions[handle] = (session, Users())
         out[0] = ffi.cast("llmx_session *", handle)
         return OK
 
@@ -182,9 +182,9 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
         key = int(ffi.cast("uintptr_t", handle))
         if key not in sessions:
             return fail(INVALID_ARGUMENT, "llmx_close: unknown or already closed session")
-        session, lock = sessions.pop(key)
-        with lock:
-            session.close()
+        session, users = sessions.pop(key)
+        users.wait_idle()  # calls already running on it finish first
+        session.close()
         return OK
 
     def run(handle, prompt, params, callback, user_data):
@@ -192,13 +192,13 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
         entry = lookup(handle)
         if entry is None:
             return fail(INVALID_ARGUMENT, "unknown or closed session"), [], "", ""
-        session, lock = entry
+        session, users = entry
         sampler = sampling(params)
         if len(prompt) > session.bundle.max_seq_len:
             return fail(LIMIT, f"prompt of {len(prompt)} tokens exceeds the bundle's max_seq_len="
                                f"{session.bundle.max_seq_len}"), [], "", ""
         tokens, reason, pieces = [], "", []
-        with lock:
+        with users:  # concurrent calls on one session share its engine's decode batch
             stream = session.stream([prompt], sampler)
             try:
                 for event in stream:
@@ -249,6 +249,26 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
 
 
 # -- the builder ---------------------------------------------------------------------------
+
+class Users:
+    """Counts the calls running on a session, so llmx_close waits for them."""
+
+    def __init__(self):
+        self._count, self._cond = 0, threading.Condition()
+
+    def __enter__(self):
+        with self._cond:
+            self._count += 1
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._count -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._count == 0)
+
 
 def build_library(out_dir: str | Path) -> Path:
     """Compile `out_dir/lib/libllmexport.so` and copy the header to `out_dir/include/`."""

@@ -53,7 +53,7 @@ def perplexity(session, ids: list[int], window: int | None = None, batch: int | 
     started, total, scored = time.perf_counter(), 0.0, 0
     for start in range(0, len(chunks), batch):
         group = chunks[start: start + batch]
-        rows = session.slots.allocate(len(group))
+        rows = session.slots.take_range(len(group))
         try:
             nll, count = _score(session.backend, group, rows)
         finally:

@@ -15,9 +15,10 @@
  * owned by the caller and freed with llmx_free_string(). Text given to a callback is valid
  * only during that callback.
  *
- * Threads: sessions are independent; use one session per thread, or serialise calls on a
- * shared session yourself (concurrent calls on one session are serialised by an internal
- * lock, so they are safe but not parallel). llmx_last_error() is per thread.
+ * Threads: sessions are independent, and one session may be shared: concurrent llmx_generate
+ * calls on it from several threads run together in its engine's decode batch (continuous
+ * batching), each with its own parameters; llmx_close waits for calls still running on it.
+ * llmx_last_error() is per thread.
  *
  * ABI stability: within major version 0 of this header, functions and struct fields are only
  * added at the end, and structs carry their own size (struct_size) so older callers keep

@@ -14,8 +14,12 @@
 - KV cache: one key and one value buffer per layer, `(max_batch, kv_heads, max_seq_len,
   head_dim)`, allocated once. Every step binds each layer's past and present to the same
   address (IO binding by pointer), so the `ort` target's GroupQueryAttention writes the new
-  rows in place. Bundles whose graphs are not in place (`portable`) get a second set of
-  buffers and alternate between the two; the manifest's `cache.in_place` says which.
+  rows in place. The binding of a (phase, rows, set) is made once and reused; a step rebinds
+  only the token inputs. Bundles whose graphs are not in place (`portable`) get a second set of
+  buffers: a step reads its rows from one set and writes them (the whole rows) to the other,
+  so each row's current set is tracked; before a step over rows that sit in different sets
+  (a request prefilled alone, then decoding with the others), the odd rows are copied across.
+  The manifest's `cache.in_place` says which kind a bundle is.
 - CUDA: the decode step of each batch size is captured as a CUDA graph on first use and
   replayed (`enable_cuda_graph`, run option `gpu_graph_id`); its inputs live at fixed device
   addresses that are updated in place.
@@ -78,7 +82,8 @@ class OnnxRuntimeBackend(Backend):
         shape = bundle.cache_shape(self.cache_rows)
         # _caches[s][2*i] is layer i's key buffer of set s, [2*i+1] its value buffer.
         self._caches = [[self._zeros(shape) for _ in range(2 * layers)] for _ in range(sets)]
-        self._current = 0
+        self._row_set = np.zeros(self.cache_rows, dtype=np.int64)  # the set holding each row's cache
+        self._bindings: dict[tuple, object] = {}
         self._graph_inputs: dict[int, dict[str, object]] = {}
 
     # -- loading -----------------------------------------------------------------------------
@@ -104,15 +109,34 @@ class OnnxRuntimeBackend(Backend):
     def cache_addresses(self) -> list[int]:
         return [self._address(b) for caches in self._caches for b in caches]
 
-    def cache_arrays(self, rows: range, length: int | None = None) -> list[np.ndarray]:
-        current = self._caches[self._current]
-        hosts = [b.numpy() if self.device == "cuda" else b for b in current]
-        return [h[rows.start: rows.stop, :, :length].copy() for h in hosts]
+    def _host(self, buffer) -> np.ndarray:
+        return buffer.numpy() if self.device == "cuda" else buffer
 
-    def _bind_caches(self, binding, rows: range) -> None:
+    def cache_arrays(self, rows: range, length: int | None = None) -> list[np.ndarray]:
+        sets = [[self._host(b) for b in caches] for caches in self._caches]
+        return [np.concatenate([sets[self._row_set[r]][i][r: r + 1, :, :length] for r in rows])
+                for i in range(len(sets[0]))]
+
+    def _settle(self, rows: range) -> int:
+        """The set every row of `rows` is in, after copying the rows in the other set across."""
+        held = self._row_set[rows.start: rows.stop]
+        current = int(np.bincount(held, minlength=2).argmax())
+        for row in rows:
+            if self._row_set[row] != current:
+                for src, dst in zip(self._caches[1 - current], self._caches[current]):
+                    if self.device == "cuda":  # through the host: only portable bundles on CUDA get here
+                        whole = dst.numpy()
+                        whole[row] = src.numpy()[row]
+                        dst.update_inplace(whole)
+                    else:
+                        dst[row] = src[row]
+                self._row_set[row] = current
+        return current
+
+    def _bind_caches(self, binding, rows: range, current: int) -> None:
         layers = self.bundle.num_layers
-        past = self._caches[self._current]
-        present = self._caches[(self._current + 1) % len(self._caches)]
+        past = self._caches[current]
+        present = self._caches[(current + 1) % len(self._caches)]
         shape = self.bundle.cache_shape(len(rows))
         row_bytes = int(np.prod(shape[1:])) * np.dtype(self._dtype).itemsize
         for name, out_name, src, dst in zip(io.cache_inputs(layers), io.cache_outputs(layers), past, present):
@@ -141,27 +165,33 @@ class OnnxRuntimeBackend(Backend):
     def step(self, phase, input_ids, position_ids, seq_lens, rows):
         self.check_step(seq_lens, rows)
         ort = _ort()
-        session = self._sessions[phase]
-        binding = session.io_binding()
-        self._bind_tokens(binding, phase, input_ids, position_ids, seq_lens)
+        current = self._settle(rows) if len(self._caches) == 2 else 0
         graph = self._graph and phase == DECODE
-        if not graph:
-            binding.bind_output(io.LOGITS, "cpu")  # bound first: output 0
-        self._bind_caches(binding, rows)
+        key = (phase, rows.start, len(rows), current)
+        binding = self._bindings.get(key)
+        if binding is None:  # made once per key: later steps rebind only the token inputs
+            binding = self._bindings[key] = self._sessions[phase].io_binding()
+            if not graph:
+                binding.bind_output(io.LOGITS, "cpu")  # bound first: output 0
+            self._bind_caches(binding, rows, current)
+        self._bind_tokens(binding, phase, input_ids, position_ids, seq_lens)
         options = ort.RunOptions()
         if graph:
             # One captured graph per (batch, rows, cache set): each has its own fixed addresses.
-            key = (len(rows) * self.cache_rows + rows.start) * 2 + self._current
-            options.add_run_config_entry("gpu_graph_id", str(key + 1))
+            options.add_run_config_entry("gpu_graph_id", str(1 + 2 * (len(rows) * self.cache_rows + rows.start)
+                                                              + current))
         try:
-            session.run_with_iobinding(binding, options)
+            self._sessions[phase].run_with_iobinding(binding, options)
         except Exception as e:  # onnxruntime raises untyped errors
             raise LLMExportError(f"onnxruntime failed running {phase}: {str(e).strip().splitlines()[-1]}") from None
         if len(self._caches) == 2:
-            self._current = 1 - self._current
-        return binding.get_outputs()[0].numpy()  # logits only; the caches stay where they are
+            self._row_set[rows.start: rows.stop] = 1 - current
+        # logits only (the caches stay where they are), copied: a reused binding's output buffer
+        # is overwritten by the next run of the same binding
+        return binding.get_outputs()[0].numpy().copy()
 
     def close(self) -> None:
+        self._bindings.clear()
         self._sessions.clear()
         self._caches.clear()
         self._weights.clear()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,35 +37,53 @@ class SamplingParams:
                 raise LLMExportError(message)
 
 
-@dataclass
 class Sampler:
-    params: SamplingParams
-    rng: np.random.Generator = field(init=False)
+    """One sequence's sampler: its own seeded generator, and the tokens it has seen (prompt and
+    output, for the repetition penalty) kept as they come, so a step never re-scans the history."""
 
-    def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.params.seed)
+    def __init__(self, params: SamplingParams, seen: Sequence[int] = ()):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self._penalised = params.repetition_penalty != 1.0
+        self._seen: set[int] = set()
+        self._ids = np.empty(64, dtype=np.int64)  # the distinct seen ids, first len(_seen) entries
+        self.observe(seen)
 
-    def __call__(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
-        """logits (B, V) float32, history: tokens seen per row -> next token ids (B,)."""
+    def observe(self, tokens: Sequence[int]) -> None:
+        """Record tokens of the sequence (the prompt at the start, then each sampled token)."""
+        if not self._penalised:
+            return
+        for t in tokens:
+            t = int(t)
+            if t not in self._seen:
+                if len(self._seen) == len(self._ids):
+                    self._ids = np.resize(self._ids, 2 * len(self._ids))
+                self._ids[len(self._seen)] = t
+                self._seen.add(t)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """The next token from one row of float logits (V,); the caller observes what it keeps."""
         p = self.params
+        if p.temperature == 0 and not self._penalised:
+            return int(np.argmax(logits))
         logits = logits.astype(np.float32, copy=True)
-        if p.repetition_penalty != 1.0:
-            for row, seen in enumerate(history):
-                ids = np.unique(np.asarray(seen, dtype=np.int64))
-                values = logits[row, ids]
-                logits[row, ids] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if self._penalised and self._seen:
+            ids = self._ids[: len(self._seen)]
+            values = logits[ids]
+            logits[ids] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
         if p.temperature == 0:
-            return logits.argmax(-1)
+            return int(np.argmax(logits))
         logits /= p.temperature
-        if p.top_k:  # the k-th largest by partition, O(V), not a sort of the vocabulary
-            k = min(p.top_k, logits.shape[-1])
-            kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
+        if p.top_k and p.top_k < len(logits):  # the k-th largest by partition, O(V), not a sort of the vocabulary
+            kth = np.partition(logits, -p.top_k)[-p.top_k]
             logits[logits < kth] = -np.inf
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
         if p.top_p < 1.0:
-            probs = np.stack([_top_p(row, p.top_p) for row in probs])
-        return np.array([self.rng.choice(probs.shape[-1], p=row) for row in probs])
+            probs = _top_p(probs, p.top_p)
+        kept = np.flatnonzero(probs)  # after top-k/top-p a few hundred tokens: draw among those only
+        weights = probs[kept]
+        return int(kept[self.rng.choice(len(kept), p=weights / weights.sum())])
 
 
 def _top_p(probs: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:

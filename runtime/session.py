@@ -1,29 +1,27 @@
-"""The generation loop: prefill, then one decode step at a time, sampling and stopping.
+"""A loaded bundle: tokenizer, chat template and a client of the one generation loop.
 
-Nothing here knows which backend runs the graphs. Prompts of different lengths share one
-batch: they are right-padded to the longest, padding tokens take the positions after each
-row's last real token (so they land in slots the row overwrites later), and each row's
-logits are those of its own last real token.
+Session.generate / stream / chat submit each prompt to the session's Engine (runtime/engine.py),
+which batches them with every other request on the same session, from any thread.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from llmexport import LLMExportError
-from llmexport.runtime.bundle import names as io
 
 from .backend import Backend
 from .bundle import Bundle
 from .chat import ChatTemplate, Message
-from .kv_slots import KVSlots
-from .sampling import Sampler, SamplingParams
-from .tokenizer import TextStream, Tokenizer
+from .engine import Engine, TokenEvent
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 Prompt = str | Sequence[int]
@@ -57,14 +55,6 @@ def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "
     raise LLMExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    row: int  # which prompt of the request
-    token_id: int
-    text: str  # text delta ("" without a tokenizer, or while held back)
-    finish_reason: str | None  # set on a row's last event: eos, stop, length, max_seq_len
-
-
 @dataclass
 class GenerationResult:
     token_ids: list[list[int]]
@@ -82,14 +72,16 @@ class Session:
 
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                  cuda_graph: bool | None = None, threads: int | None = None, check_integrity: bool = False,
-                 reference=None):
+                 reference=None, max_queue: int | None = None, prefill_chunk: int = 256):
         """`check_integrity`: hash every bundle file against the manifest before loading (sizes,
         paths and the manifest's own digest are checked on every open). `reference`: see
-        create_backend."""
+        create_backend. `max_queue`, `prefill_chunk`: see Engine."""
         self.bundle = Bundle.open(bundle_dir, check_integrity=check_integrity)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_path) if self.bundle.tokenizer_path else None
         self.backend = create_backend(self.bundle, backend, device, cuda_graph, threads, reference)
-        self.slots = KVSlots(self.bundle.max_batch)
+        self.engine = Engine(self.backend, self.tokenizer, eos_token_ids=self.bundle.eos_token_ids,
+                             max_queue=max_queue, prefill_chunk=prefill_chunk)
+        self.slots = self.engine.slots
         self.last_timings: dict = {}
         self._chat_template: ChatTemplate | None = None
 
@@ -124,9 +116,10 @@ class Session:
         yield from self.stream([self.render_chat(messages)], params)
 
     def close(self) -> None:
-        """Free the backend (sessions, caches) and drop the bundle's memory map of the weights,
+        """Cancel what still runs, free the backend (sessions, caches) and drop the bundle's memory map of the weights,
         even while this object is still referenced (qwen2-0.5b int4 on ONNX Runtime: RSS 1000
         MiB open, 156 after close; 585 before close released the map)."""
+        self.engine.shutdown()
         self.backend.close()
         self.bundle.release()
 
@@ -149,16 +142,7 @@ class Session:
                 if self.tokenizer is None:
                     raise LLMExportError("this bundle has no tokenizer; pass token ids (--token-ids) instead of text")
                 p = self.tokenizer.encode(p)
-            ids = [int(t) for t in p]
-            if not ids:
-                raise LLMExportError("empty prompt: give at least one token")
-            bad = [t for t in ids if not 0 <= t < self.bundle.vocab_size]
-            if bad:
-                raise LLMExportError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.bundle.vocab_size - 1})")
-            if len(ids) > self.bundle.max_seq_len:
-                raise LLMExportError(f"prompt of {len(ids)} tokens exceeds the bundle's max_seq_len="
-                                     f"{self.bundle.max_seq_len}; shorten it or re-export with a larger --max-seq-len")
-            out.append(ids)
+            out.append(self.engine.check_prompt(p))
         if len(out) > self.bundle.max_batch:
             raise LLMExportError(f"batch of {len(out)} prompts exceeds the bundle's max_batch={self.bundle.max_batch}; "
                                  f"split the request or re-export with a larger --max-batch")
@@ -169,7 +153,8 @@ class Session:
         ids = self._encode(prompts)
         result = GenerationResult([[] for _ in ids], ["" for _ in ids], ["" for _ in ids])
         for event in self._stream(ids, params):
-            result.token_ids[event.row].append(event.token_id)
+            if event.token_id is not None:
+                result.token_ids[event.row].append(event.token_id)
             result.text[event.row] += event.text
             if event.finish_reason:
                 result.finish_reason[event.row] = event.finish_reason
@@ -181,67 +166,40 @@ class Session:
         yield from self._stream(self._encode(prompts), params)
 
     def _stream(self, prompts: list[list[int]], params: SamplingParams | None) -> Iterator[TokenEvent]:
-        """stream() on prompts already encoded and checked (generate encodes them itself)."""
+        """stream() on prompts already encoded and checked (generate encodes them itself). Row i
+        samples with seed + i, so the rows of one call draw differently."""
         params = self.default_params() if params is None else params
-        streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]  # validates stop vs tokenizer
-        eos = () if params.ignore_eos else (params.eos_token_ids if params.eos_token_ids is not None
-                                             else self.bundle.eos_token_ids)
-        rows = self.slots.allocate(len(prompts))
+        if params.stop and self.tokenizer is None:
+            raise LLMExportError("stop strings need a tokenizer; the bundle has none (use eos ids instead)")
+        engine, events = self.engine, deque()
+        started, steps = time.perf_counter(), engine.stats["decode_steps"]
+        requests = [engine.submit(p, replace(params, seed=(params.seed + row) % 2**63) if row else params,
+                                  index=row, sink=events.append) for row, p in enumerate(prompts)]
         try:
-            yield from self._loop(prompts, params, streams, set(eos), rows)
+            while True:
+                engine.wait(lambda: events or all(r.done for r in requests))
+                while events:
+                    event = events.popleft()
+                    if event.finish_reason == "error":
+                        raise LLMExportError(requests[event.row].error)
+                    yield event
+                if all(r.done for r in requests) and not events:
+                    break
         finally:
-            self.slots.free(rows)
+            for r in requests:
+                r.cancel()
+        self.last_timings = _timings(requests, started, engine.stats["decode_steps"] - steps, self.backend.name)
 
-    def _loop(self, prompts, params, streams, eos, rows) -> Iterator[TokenEvent]:
-        batch, limit = len(prompts), self.bundle.max_seq_len
-        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        width = int(lengths.max())
-        input_ids = np.zeros((batch, width), dtype=np.int64)
-        for row, p in enumerate(prompts):
-            input_ids[row, : len(p)] = p
-        positions = np.tile(np.arange(width, dtype=np.int64), (batch, 1))
-        sampler, history = Sampler(params), [list(p) for p in prompts]
-        done: list[str | None] = [None] * batch
-        produced = [0] * batch
-        started = time.perf_counter()
-        logits = self.backend.step(io.PREFILL, input_ids, positions, lengths.copy(), rows)
-        first_token = time.perf_counter()
-        decode_steps = 0
-        while True:
-            tokens = sampler(logits, history)
-            for row in range(batch):
-                if done[row]:
-                    continue
-                token = int(tokens[row])
-                history[row].append(token)
-                produced[row] += 1
-                text = streams[row].push(token)
-                if token in eos:
-                    done[row] = "eos"
-                elif streams[row].stopped:
-                    done[row] = "stop"
-                elif produced[row] >= params.max_new_tokens:
-                    done[row] = "length"
-                elif lengths[row] >= limit:  # no cache slot left to decode this token into
-                    done[row] = "max_seq_len"
-                if done[row]:
-                    text += streams[row].flush()
-                yield TokenEvent(row, token, text, done[row])
-            if all(done):
-                break
-            active = np.array([d is None for d in done])
-            # Finished rows re-write their own last slot with a dummy token: harmless, never read.
-            step_ids = np.where(active, tokens, 0)[:, None].astype(np.int64)
-            step_pos = np.where(active, lengths, lengths - 1)[:, None]
-            lengths = np.where(active, lengths + 1, lengths)
-            logits = self.backend.step(io.DECODE, step_ids, step_pos, lengths.copy(), rows)
-            decode_steps += 1
-        finished = time.perf_counter()
-        self.last_timings = {
-            "time_to_first_token_s": first_token - started,
-            "decode_steps": decode_steps,
-            "decode_s": finished - first_token,
-            "decode_ms_per_step": 1000 * (finished - first_token) / decode_steps if decode_steps else None,
-            "tokens_per_s": sum(produced) / (finished - started),
-            "backend": self.backend.name,
-        }
+
+def _timings(requests, started: float, decode_steps: int, backend: str) -> dict:
+    first = min(r.token_times[0] for r in requests if r.token_times)
+    finished = max(r.token_times[-1] for r in requests if r.token_times)
+    produced = sum(len(r.tokens) for r in requests)
+    return {
+        "time_to_first_token_s": first - started,
+        "decode_steps": decode_steps,
+        "decode_s": finished - first,
+        "decode_ms_per_step": 1000 * (finished - first) / decode_steps if decode_steps else None,
+        "tokens_per_s": produced / (finished - started),
+        "backend": backend,
+    }

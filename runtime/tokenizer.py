@@ -28,11 +28,15 @@ class Tokenizer:
 
 
 class TextStream:
-    """Turns one sequence's growing token ids into text deltas, honouring stop strings.
+    """Turns one sequence's growing token ids into text deltas, honouring stop strings, in O(1)
+    per token.
 
-    The whole suffix is decoded each time so multi-token characters and word-piece spacing come
-    out right; a trailing U+FFFD (an unfinished UTF-8 sequence) is held back until it completes,
-    and so is any tail that could still grow into a stop string. `text` is the visible text.
+    Each push decodes a short window: the ids since the last emitted boundary, with the tokens
+    before it as context (so word-piece spacing and multi-token characters come out as a decode
+    of the whole sequence gives them; vLLM's incremental detokenizer works the same way). A
+    trailing U+FFFD (an unfinished UTF-8 sequence) waits for the next token, and so does any
+    tail that could still grow into a stop string; a stop string can only start in that held
+    tail or in new text, so only those are searched. `text` is the visible text.
     """
 
     def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()):
@@ -40,31 +44,52 @@ class TextStream:
             raise LLMExportError("stop strings need a tokenizer; the bundle has none (use eos ids instead)")
         self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
-        self.text = ""  # emitted so far
+        self._prefix = 0  # ids[_prefix:_read] is the context window, already turned into text
+        self._read = 0
+        self._held = ""  # decoded, not yet emitted: a possible start of a stop string
+        self._pieces: list[str] = []  # emitted so far
         self.stopped = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def _fresh(self, final: bool = False) -> str:
+        """Text of the ids after `_read`, given the context window; moves the window on."""
+        window = self.ids[self._prefix:]
+        before = self.tokenizer.decode(self.ids[self._prefix: self._read])
+        after = self.tokenizer.decode(window)
+        if final:
+            after = after.rstrip("\ufffd")
+        elif after.endswith("\ufffd") or len(after) <= len(before):
+            return ""  # an unfinished character, or nothing visible yet: wait for more ids
+        if not after.startswith(before):  # the new ids changed the window's text: keep the old
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        if self.tokenizer is None:
+        if self.tokenizer is None or self.stopped:
             return ""
-        full = self.tokenizer.decode(self.ids)
-        hits = [full.find(s) for s in self.stop if s in full]
+        return self._emit(self._held + self._fresh())
+
+    def _emit(self, pending: str) -> str:
+        hits = [pending.find(s) for s in self.stop if s in pending]
         if hits:
-            self.stopped, visible = True, full[: min(hits)]
+            self.stopped, self._held = True, ""
+            delta = pending[: min(hits)]
         else:
-            visible = full.rstrip("\ufffd") if full.endswith("\ufffd") else full
-            held = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if visible.endswith(s[:n])), default=0)
-            visible = visible[: len(visible) - held]
-        if not visible.startswith(self.text):  # decoding changed earlier text: emit nothing new
-            return ""
-        delta, self.text = visible[len(self.text):], visible
+            held = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if pending.endswith(s[:n])), default=0)
+            delta, self._held = pending[: len(pending) - held], pending[len(pending) - held:]
+        self._pieces.append(delta)
         return delta
 
     def flush(self) -> str:
         """At the end: whatever was held back for a stop string that never came."""
         if self.tokenizer is None or self.stopped:
             return ""
-        full = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-        delta = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text += delta
+        delta = self._held + self._fresh(final=True)
+        self._held = ""
+        self._pieces.append(delta)
         return delta

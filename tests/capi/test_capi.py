@@ -109,10 +109,11 @@ def test_error_paths_and_1000_open_close_cycles(capi_dir, bundle_factory, tmp_pa
     assert after - before < 8 * 1024, f"RSS grew {after - before} KiB over 1,000 open/close cycles"
 
 
-def test_two_threads_with_two_sessions(capi_dir, bundle_factory, tmp_path):
+@pytest.mark.parametrize("shared", [False, True])
+def test_two_threads_with_two_sessions_or_one_shared(capi_dir, bundle_factory, tmp_path, shared):
     bundle_dir, _ = bundle_factory("llama3", "ort")
     program = _compile(capi_dir, HERE / "threads.c", tmp_path / "threads", "-pthread")
-    done = _run(program, bundle_dir)
+    done = _run(program, bundle_dir, *(["shared"] if shared else []))
     assert done.returncode == 0, done.stderr
     rows = [line.split(":", 1) for line in done.stdout.strip().splitlines()]
     for (head, tokens), prompt in zip(rows, ([5, 6, 7], [9, 10, 11])):

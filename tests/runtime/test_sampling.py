@@ -9,9 +9,9 @@ from llmexport.runtime.sampling import Sampler, SamplingParams
 LOGITS = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
 
 
-def _draws(params: SamplingParams, n: int = 400, logits=LOGITS, history=([],)) -> set[int]:
+def _draws(params: SamplingParams, n: int = 400, logits=LOGITS) -> set[int]:
     sampler = Sampler(params)
-    return {int(sampler(logits, list(history))[0]) for _ in range(n)}
+    return {sampler(logits[0]) for _ in range(n)}
 
 
 def test_greedy_takes_the_argmax():
@@ -30,14 +30,34 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 def test_repetition_penalty_follows_transformers():
     logits = np.array([[2.0, -1.0, 1.0]], dtype=np.float32)
     # transformers: positive logits divided by the penalty, negative ones multiplied.
-    picked = Sampler(SamplingParams(repetition_penalty=4.0))(logits, [[0, 1]])
-    assert picked.tolist() == [2]  # 2/4 = 0.5 < 1.0
+    assert Sampler(SamplingParams(repetition_penalty=4.0), seen=[0, 1])(logits[0]) == 2  # 2/4 = 0.5 < 1.0
+    sampler = Sampler(SamplingParams(repetition_penalty=4.0))
+    assert sampler(logits[0]) == 0
+    sampler.observe([0, 0, 1])
+    assert sampler(logits[0]) == 2
+
+
+def test_incremental_repetition_penalty_equals_a_scan_of_the_history():
+    """The sampler keeps the distinct seen ids as they come; on random histories its penalised
+    argmax equals transformers' rule applied to np.unique of the whole history."""
+    rng = np.random.default_rng(1)
+    params = SamplingParams(repetition_penalty=1.7)
+    for _ in range(50):
+        history = rng.integers(0, 500, size=int(rng.integers(1, 300))).tolist()
+        sampler = Sampler(params, seen=history[:5])
+        for t in history[5:]:
+            sampler.observe([t])
+        logits = rng.normal(size=500).astype(np.float32)
+        want = logits.copy()
+        ids = np.unique(history)
+        want[ids] = np.where(want[ids] > 0, want[ids] / 1.7, want[ids] * 1.7)
+        assert sampler(logits) == int(np.argmax(want))
 
 
 def test_same_seed_same_draws():
     params = SamplingParams(temperature=1.0, seed=3)
     a, b = Sampler(params), Sampler(params)
-    assert [int(a(LOGITS, [[]])[0]) for _ in range(50)] == [int(b(LOGITS, [[]])[0]) for _ in range(50)]
+    assert [a(LOGITS[0]) for _ in range(50)] == [b(LOGITS[0]) for _ in range(50)]
 
 
 def test_top_p_on_the_candidates_equals_a_sort_of_the_whole_vocabulary():

@@ -55,6 +55,7 @@ def test_decode_graph_and_shared_cpu_session_agree(bundle_factory):
             for n in range(3, 8):
                 logits.append(backend.step("decode", np.array([[n]]), np.array([[n]]), np.array([n + 1]), range(1)))
             outputs.append(np.stack(logits))
+            assert not np.array_equal(logits[-1], logits[-2])  # each step's own logits, not a reused buffer
     assert np.abs(outputs[0] - outputs[1]).max() < 1e-5
 
 

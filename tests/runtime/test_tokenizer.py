@@ -41,3 +41,36 @@ def test_stop_string_is_cut_and_never_streamed(tokenizer):
         if stream.stopped:
             break
     assert stream.stopped and streamed == "héllo wörld, 日本語の" == stream.text
+
+
+def test_streamed_text_equals_a_decode_of_the_whole_sequence(tokenizer):
+    """Random id sequences (byte tokens that split characters, merges, spaces): the deltas add up
+    to decoding everything at once."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = rng.integers(0, 300, size=int(rng.integers(1, 60))).tolist()
+        stream = TextStream(tokenizer)
+        streamed = "".join(stream.push(i) for i in ids) + stream.flush()
+        assert streamed == tokenizer.decode(ids).rstrip("\ufffd") == stream.text
+
+
+def test_streaming_decodes_a_short_window_per_token(tokenizer):
+    """O(1) per token: each push decodes a few ids, not the whole sequence (was O(n^2) overall)."""
+    ids = tokenizer.encode(TEXT * 200)
+    widest = []
+    decode = tokenizer.decode
+
+    def recording(window):
+        widest.append(len(window))
+        return decode(window)
+
+    tokenizer.decode = recording
+    try:
+        stream = TextStream(tokenizer, stop=("never there",))
+        streamed = "".join(stream.push(i) for i in ids) + stream.flush()
+    finally:
+        del tokenizer.decode
+    assert streamed == TEXT * 200
+    assert len(ids) > 2000 and max(widest) <= 8
