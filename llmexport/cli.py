@@ -436,6 +436,28 @@ def bench_kernels(
 
 
 @app.command()
+def serve(
+    bundle: Path = typer.Option(..., help="Bundle directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    max_queue: int = typer.Option(64, min=0, help="Waiting requests beyond which new ones get 429 at once."),
+    prefill_chunk: int = typer.Option(256, min=1, help="Prompt tokens prefilled per iteration while others decode."),
+    model_name: Optional[str] = typer.Option(None, help="The model id clients pass (default: the bundle's model)."),
+    shutdown_timeout: float = typer.Option(30.0, min=0, help="On SIGTERM, seconds in-flight requests get to finish."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
+) -> None:
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (stream: SSE),
+    /v1/models, /health, /metrics (Prometheus). Needs the serve extra: pip install 'llmexport[serve]'."""
+    from llmexport.runtime.serve import serve as run
+
+    print(f"serving {bundle} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
+    run(str(bundle), host, port, backend=backend, device=device, threads=threads, max_queue=max_queue,
+        prefill_chunk=prefill_chunk, model_name=model_name, shutdown_timeout=shutdown_timeout)
+
+
+@app.command()
 def doctor(
     device: str = typer.Option("cpu", help="cpu, or cuda: exit 1 unless everything a GPU run needs is ok."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of the table."),

@@ -124,7 +124,8 @@ class Engine:
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None, *, eos_token_ids: Sequence[int] = (),
                  max_queue: int | None = None, prefill_chunk: int = 256, vocab_size: int | None = None):
-        """max_queue: waiting requests beyond which submit raises QueueFull (None: no limit).
+        """max_queue: requests that may wait for a row (beyond the free rows) before submit raises
+        QueueFull (None: no limit; 0: only what the free rows take).
         prefill_chunk: prompt tokens prefilled per iteration while other requests decode."""
         if prefill_chunk < 1:
             raise LLMExportError(f"prefill_chunk={prefill_chunk} must be at least 1")
@@ -170,8 +171,9 @@ class Engine:
         with self._cond:
             if self._stop:
                 raise LLMExportError("the engine is shut down")
-            if self.max_queue is not None and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            if self.max_queue is not None and len(self.waiting) >= self.max_queue + self.slots.free_rows:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for one of "
+                                f"{self.slots.rows} KV rows); retry later")
             request = Request(self, next(self._ids), prompt, params, eos, index, sink)
             self.waiting.append(request)
             self._cond.notify_all()

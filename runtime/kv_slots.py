@@ -39,5 +39,9 @@ class KVSlots:
         self._free.update([rows] if isinstance(rows, int) else rows)
 
     @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    @property
     def in_use(self) -> int:
         return self.rows - len(self._free)

@@ -138,14 +138,19 @@ def test_cancel_frees_the_row_at_once_and_the_next_requests_fit(bundle_factory):
 
 
 def test_a_full_queue_refuses_at_once(bundle_factory):
+    """max_queue counts the requests that wait beyond the free rows."""
     bundle_dir, _ = bundle_factory("llama3", "ort")
     with Session(bundle_dir, max_queue=2) as session:
         params = SamplingParams(max_new_tokens=3)
-        for _ in range(2):
+        for _ in range(4 + 2):  # 4 rows free + 2 waiting
             session.engine.submit([5], params)
         with pytest.raises(QueueFull, match="queue is full"):
             session.engine.submit([5], params)
-        session.engine.step()  # admitted: the queue empties
+        session.engine.step()  # 4 admitted: 2 wait, no row free
+        with pytest.raises(QueueFull):
+            session.engine.submit([5], params)
+        while session.engine.busy:
+            session.engine.step()
         session.engine.submit([5], params)
 
 
