@@ -92,7 +92,8 @@ def default_name(model: str, bundle: str | Path | None, dtype: str, device: str)
     return f"{Path(model).name}-{dtype}-{device}"
 
 
-def write_reports(result: dict, out_dir: str | Path, name: str) -> dict[str, Path]:
+def write_reports(result: dict, out_dir: str | Path, name: str, markdown=markdown, plot=plot) -> dict[str, Path]:
+    """`name`.json, .md and .png in out_dir; `markdown` and `plot` render this kind of result."""
     if not name or Path(name).name != name or name in (".", ".."):
         raise LLMExportError(f"report name {name!r} must be a plain file name (no directories); pass --name")
     out = Path(out_dir)

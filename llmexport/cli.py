@@ -416,6 +416,41 @@ def bench(
     console.print("written: " + ", ".join(str(p) for p in paths.values()))
 
 
+@app.command("bench-serve")
+def bench_serve(
+    bundle: Path = typer.Option(..., help="Bundle to serve (export it first, e.g. with --max-batch 16)."),
+    clients: str = typer.Option("1,4,8,16", help="Concurrent streaming clients, one run each (1: one request "
+                                                 "after another, the baseline)."),
+    requests: int = typer.Option(32, min=1, help="Requests in the workload (the same for every client count)."),
+    prompt_tokens: str = typer.Option("16,128", help="Prompt lengths: uniform between these two."),
+    max_tokens: int = typer.Option(64, min=1, help="New tokens per request (greedy, EOS ignored)."),
+    threads: int = typer.Option(2, min=1, help="The server's CPU threads."),
+    prefill_chunk: int = typer.Option(256, min=1, help="The server's --prefill-chunk."),
+    host_batch: int = typer.Option(16, min=1, help="Batch for the host-work-per-decode-step table."),
+    seed: int = typer.Option(0, min=0),
+    out: Path = typer.Option(Path("benchmarks/results"), help="Directory for NAME.json, NAME.md, NAME.png."),
+    name: Optional[str] = typer.Option(None, help="Report file name (default: BUNDLE_DIR_NAME-serve)."),
+) -> None:
+    """Drive `llmexport serve` with N concurrent streaming clients on one fixed workload: tokens/s,
+    TTFT and inter-token latency p50/p99, against the same requests one after another."""
+    from rich.status import Status
+
+    from llmexport.benchmarks.serving import ServeBenchConfig, markdown, run_serve_benchmark, write
+
+    low_high = _ints(prompt_tokens)
+    if len(low_high) != 2 or low_high[0] > low_high[1]:
+        raise LLMExportError(f"--prompt-tokens {prompt_tokens!r} must be two lengths LOW,HIGH with LOW <= HIGH")
+    config = ServeBenchConfig(bundle=str(bundle), clients=_ints(clients), requests=requests,
+                              prompt_tokens=(low_high[0], low_high[1]), max_tokens=max_tokens, threads=threads,
+                              seed=seed, host_batch=host_batch, prefill_chunk=prefill_chunk,
+                              command="llmexport " + " ".join(sys.argv[1:]))
+    with Status("benchmarking", console=Console(stderr=True)) as status:
+        result = run_serve_benchmark(config, progress=lambda message: status.update(message))
+    paths = write(result, out, name or f"{bundle.resolve().name}-serve")
+    console.print(markdown(result))
+    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
 @app.command("bench-kernels")
 def bench_kernels(
     device: str = typer.Option("cuda", help="cuda (meaningful timings) or cpu (needs TRITON_INTERPRET=1)."),

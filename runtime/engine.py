@@ -144,7 +144,10 @@ class Engine:
         self._stepping = False
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.stats = {"decode_steps": 0, "prefill_calls": 0, "generated_tokens": 0, "iterations": 0}
+        self.stats = {"decode_steps": 0, "prefill_calls": 0, "generated_tokens": 0, "iterations": 0,
+                      # iterations that only decoded: their wall time and the part inside the compute
+                      # library (backend.graph_s); the rest is host work (binding, sampling, streaming)
+                      "decode_iterations": 0, "decode_iteration_s": 0.0, "decode_graph_s": 0.0}
         self.listeners: list[Callable[[str, Request], None]] = []  # ("first_token"|"token"|"finish", request)
 
     # -- submitting ---------------------------------------------------------------------------
@@ -244,6 +247,7 @@ class Engine:
             thread.join(timeout)
             self._thread = None
 
+
     # -- one iteration ------------------------------------------------------------------------
 
     def step(self) -> None:
@@ -252,8 +256,13 @@ class Engine:
             while self._stepping:
                 self._cond.wait()
             self._stepping = True
+        started, graph, calls = time.perf_counter(), self.backend.graph_s, self.stats["prefill_calls"]
         try:
             self._iteration()
+            if self.stats["prefill_calls"] == calls and self.backend.graph_s != graph:
+                self.stats["decode_iterations"] += 1
+                self.stats["decode_iteration_s"] += time.perf_counter() - started
+                self.stats["decode_graph_s"] += self.backend.graph_s - graph
         finally:
             with self._cond:
                 self._stepping = False
@@ -314,7 +323,7 @@ class Engine:
         for i, r in enumerate(group):
             r.filled += r.chunk
             if r.filled == len(r.prompt):
-                self._sampled(r, logits[i])
+                self._sampled(r, r.sampler(logits[i]))
 
     def _decode(self, decoding: list[Request]) -> None:
         top = max(r.row for r in decoding)
@@ -333,7 +342,7 @@ class Engine:
         self.stats["decode_steps"] += 1
         for r in decoding:
             r.filled += 1
-            self._sampled(r, logits[r.row])
+            self._sampled(r, r.sampler(logits[r.row]))
 
     def _call(self, requests, phase, ids, positions, lengths, rows):
         """backend.step; a failure finishes `requests` with the error and leaves the engine running."""
@@ -347,9 +356,8 @@ class Engine:
                     self._finish(r, "error")
             return None
 
-    def _sampled(self, request: Request, logits: np.ndarray) -> None:
-        """Sample, stop and stream one request's next token from its row of logits."""
-        token = request.sampler(logits)
+    def _sampled(self, request: Request, token: int) -> None:
+        """Record, stop and stream one request's sampled token."""
         request.sampler.observe((token,))
         request.tokens.append(token)
         request.token_times.append(time.perf_counter())

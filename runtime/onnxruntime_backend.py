@@ -27,6 +27,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from llmexport import LLMExportError
@@ -180,10 +182,13 @@ class OnnxRuntimeBackend(Backend):
             # One captured graph per (batch, rows, cache set): each has its own fixed addresses.
             options.add_run_config_entry("gpu_graph_id", str(1 + 2 * (len(rows) * self.cache_rows + rows.start)
                                                               + current))
+        started = time.perf_counter()
         try:
             self._sessions[phase].run_with_iobinding(binding, options)
         except Exception as e:  # onnxruntime raises untyped errors
             raise LLMExportError(f"onnxruntime failed running {phase}: {str(e).strip().splitlines()[-1]}") from None
+        finally:
+            self.graph_s += time.perf_counter() - started
         if len(self._caches) == 2:
             self._row_set[rows.start: rows.stop] = 1 - current
         # logits only (the caches stay where they are), copied: a reused binding's output buffer

@@ -5,6 +5,7 @@ weights. Eager only: each step writes its new rows straight into the preallocate
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -125,9 +126,13 @@ class TorchBackend(Backend):
         torch = self._torch
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
         inputs = (to(input_ids), to(position_ids), to(seq_lens))
-        if self._cuda_graph and phase == io.DECODE:
-            return self._replay(inputs, rows)
-        return self._forward(*inputs, rows).cpu().numpy()
+        started = time.perf_counter()
+        try:
+            if self._cuda_graph and phase == io.DECODE:
+                return self._replay(inputs, rows)
+            return self._forward(*inputs, rows).cpu().numpy()
+        finally:
+            self.graph_s += time.perf_counter() - started
 
     def _replay(self, inputs, rows):
         """Decode through a CUDA graph captured per (first row, batch): fixed addresses throughout."""

@@ -146,9 +146,10 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
                         yield f"data: {json.dumps(payload)}\n\n"
                         return
                     reason = FINISH.get(event.finish_reason) if event.finish_reason else None
-                    if event.text or first or reason:
-                        yield f"data: {json.dumps({**head, 'choices': [choice(event.text, reason, first)]})}\n\n"
-                        first = False
+                    # one chunk per token, as OpenAI sends them (text held back mid-character or for
+                    # a possible stop string makes an empty delta): clients can time every token
+                    yield f"data: {json.dumps({**head, 'choices': [choice(event.text, reason, first)]})}\n\n"
+                    first = False
                 if body.stream_options and body.stream_options.include_usage:
                     yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(request, n_prompt)})}\n\n"
                 yield "data: [DONE]\n\n"

@@ -135,3 +135,22 @@ def test_kernel_report_smoke_in_the_interpreter(tmp_path):
                          env=dict(os.environ, TRITON_INTERPRET="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| tiny | float32 | 2 | 33 |" in out.stdout
+
+
+def test_bench_serve_smoke_run_writes_a_complete_report(bundle_factory, tmp_path):
+    """bench-serve on a tiny bundle: the server comes up, every client count runs the whole
+    workload, the host-work table has every sampling setting, and the reports are written."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    bundle, _ = bundle_factory("llama3", "ort")
+    out = subprocess.run(
+        [sys.executable, "-c", "from llmexport.cli import main; main()", "bench-serve", "--bundle", str(bundle),
+         "--clients", "1,3", "--requests", "5", "--prompt-tokens", "2,9", "--max-tokens", "6", "--host-batch", "3",
+         "--out", str(tmp_path), "--name", "serve"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "serve.json").read_text())
+    assert [(r["clients"], r["requests"], r["tokens"]) for r in result["runs"]] == [(1, 5, 30), (3, 5, 30)]
+    assert result["runs"][0]["speedup_vs_sequential"] == 1.0
+    assert not _positive_numbers(result["runs"])
+    assert len(result["host_work"]) == 4 and all(h["batch"] == 3 and h["iterations"] > 0 for h in result["host_work"])
+    assert (tmp_path / "serve.png").stat().st_size > 0 and "| clients |" in (tmp_path / "serve.md").read_text()

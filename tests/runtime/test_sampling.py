@@ -60,29 +60,50 @@ def test_same_seed_same_draws():
     assert [a(LOGITS[0]) for _ in range(50)] == [b(LOGITS[0]) for _ in range(50)]
 
 
-def test_top_p_on_the_candidates_equals_a_sort_of_the_whole_vocabulary():
-    """_top_p sorts only the most likely candidates; on random rows, with ties and without,
-    it keeps exactly what a stable sort of the whole row keeps."""
-    import numpy as np
-
-    from llmexport.runtime.sampling import _top_p
+def test_top_p_by_binned_mass_keeps_what_a_sort_of_the_whole_vocabulary_keeps():
+    """_nucleus sorts only the tokens of the bin where the mass crosses top_p; on random rows, with
+    ties and without, peaked and flat, it keeps exactly what a stable sort of the row keeps, and
+    draws only kept tokens."""
+    from llmexport.runtime.sampling import Nucleus
 
     def full(probs, top_p):
         order = np.argsort(-probs, kind="stable")
-        kept = probs[order]
-        kept[np.cumsum(kept) - kept >= top_p] = 0
-        out = np.zeros_like(probs)
-        out[order] = kept
-        return out / out.sum()
+        before = np.cumsum(probs[order], dtype=np.float64) - probs[order]
+        return np.sort(order[before < top_p * probs.sum(dtype=np.float64)])
 
     rng = np.random.default_rng(0)
     for trial in range(600):
-        logits = rng.normal(size=int(rng.integers(1, 400))) * rng.choice([0.1, 1.0, 5.0])
+        logits = (rng.normal(size=int(rng.integers(1, 5000))) * rng.choice([0.01, 0.1, 1.0, 5.0, 30.0]))
         if trial % 3 == 0:
             logits = np.round(logits)  # many ties
         if trial % 7 == 0:
             logits[:] = 0  # every token tied
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
+        if trial % 5 == 0:
+            logits[rng.integers(0, len(logits), size=len(logits) // 3)] = -np.inf  # top-k's cut tokens
+        x = (logits - logits.max()).astype(np.float32)
         top_p = float(rng.choice([0.01, 0.3, 0.5, 0.9, 0.999, 0.99999]))
-        assert np.array_equal(_top_p(probs.copy(), top_p), full(probs.copy(), top_p)), trial
+        want = full(np.exp(x), top_p)
+        nucleus = Nucleus(x.copy(), top_p)
+        assert np.array_equal(nucleus.kept(), want), trial
+        assert all(nucleus.draw(u) in set(want.tolist()) for u in rng.random(20)), trial
+
+
+def test_draws_follow_the_weights():
+    """_draw and Nucleus.draw map u in [0, 1) onto the cumulative weights: over a grid of u, each
+    token is drawn in proportion to its weight (and a zero weight never)."""
+    from llmexport.runtime.sampling import Nucleus, _draw
+
+    rng = np.random.default_rng(2)
+    weights = rng.random(5000).astype(np.float32) * (rng.random(5000) > 0.3)
+    grid = (np.arange(200_000) + 0.5) / 200_000
+    counts = np.bincount([_draw(weights, u) for u in grid], minlength=5000)
+    assert np.abs(counts / len(grid) - weights / weights.sum()).max() < 2e-5
+    with np.errstate(divide="ignore"):
+        x = np.log(weights)  # -inf for the zero weights
+    x -= x.max()
+    nucleus = Nucleus(x.copy(), 0.6)
+    kept = nucleus.kept()
+    counts = np.bincount([nucleus.draw(u) for u in grid[::10]], minlength=5000)
+    share = np.zeros(5000)
+    share[kept] = weights[kept] / weights[kept].sum()
+    assert np.abs(counts / len(grid[::10]) - share).max() < 2e-4 and counts[weights == 0].sum() == 0
