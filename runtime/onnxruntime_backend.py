@@ -1,16 +1,31 @@
 """ONNX Runtime backend (CPU and CUDA execution providers), numpy only.
 
-- Weights: weights.bin is read once (memory-mapped on CPU, copied once to the GPU on CUDA) and
-  handed to the sessions with `SessionOptions.add_initializer`, so prefill and decode share
-  one copy.
-- CPU: ONNX Runtime "prepacks" each MatMul weight into a private copy per session, so two
-  sessions would hold the weights three times. Nothing is captured as a graph on CPU, so by
-  default one session of the prefill graph (which takes S >= 1) runs both phases
-  (`decode_graph=None` means: decode.onnx on CUDA, the prefill session on CPU). Measured on
+Two ways to hold weights and buffers; everything else (binding, the cache sets, graph ids) is
+the same code:
+
+- **Host path** (CPU, the default there): weights.bin is memory-mapped once and handed to the
+  sessions with `SessionOptions.add_initializer` (numpy views: buffers the caller owns, which is
+  what that API requires). ONNX Runtime "prepacks" each MatMul weight into a private copy per
+  session, so two sessions would hold the weights three times; nothing is captured as a graph
+  on CPU, so one session of the prefill graph (which takes S >= 1) runs both phases
+  (`decode_graph=True` adds a decode.onnx session: verify checks that graph). Measured on
   qwen2-0.5b fp32 here (1.88 GiB of weights), RSS growth / decode ms at batch 1 and 4: two
   prepacked sessions 5.62 GiB / 66.6 / 84.0; one shared session 3.78 GiB / 66.6 / 81.7; no
-  prepacking (`prepack=False`) 1.94 GiB / 75.3 / 174.2. `decode_graph=True` runs decode.onnx
-  (verify does, to check that graph).
+  prepacking (`prepack=False`) 1.94 GiB / 75.3 / 174.2. Caches are numpy arrays.
+- **Device path** (CUDA; `device_path=True` runs it on CPU, which is how CI tests it): ONNX
+  Runtime allocates every buffer on the device (OrtValues, bound by address) and reads the
+  weights from weights.bin itself into **one session of the prefill graph that runs both
+  phases**, so the device holds one copy. `add_initializer` cannot be used here: it refuses
+  buffers ONNX Runtime allocated ("Buffer containing the initializer must be owned by the
+  user", onnxruntime_pybind_state.cc; reproduced on CPU), and the Python API has no way to
+  hand it device memory the caller owns. The cost: decode runs the prefill graph at S = 1
+  (the same ops as decode.onnx, with dynamic shapes), and the decode.onnx graph is for hosts
+  and verify only. With `cuda_graph=True` each decode step runs under a `gpu_graph_id` (one per
+  window and cache set, inputs at fixed device addresses updated in place) and prefill under
+  -1, which disables capture for that run (onnxruntime_run_options_config_keys.h; how
+  onnxruntime-genai runs its first, prompt step). UNVERIFIED: no GPU here, and capture is
+  expected to be refused until the graphs stop copying GroupQueryAttention's
+  total_sequence_length to the host (issue #14, item 2), so it is off by default.
 - KV cache: one key and one value buffer per layer, `(max_batch, kv_heads, max_seq_len,
   head_dim)`, allocated once. Every step binds each layer's past and present to the same
   address (IO binding by pointer), so the `ort` target's GroupQueryAttention writes the new
@@ -20,9 +35,9 @@
   so each row's current set is tracked; before a step over rows that sit in different sets
   (a request prefilled alone, then decoding with the others), the odd rows are copied across.
   The manifest's `cache.in_place` says which kind a bundle is.
-- CUDA: the decode step of each batch size is captured as a CUDA graph on first use and
-  replayed (`enable_cuda_graph`, run option `gpu_graph_id`); its inputs live at fixed device
-  addresses that are updated in place.
+- bfloat16 bundles run on the device path only (CUDA): numpy has no bfloat16, so its buffers
+  are allocated and bound by ONNX element type (TensorProto.BFLOAT16), and ONNX Runtime's CPU
+  provider has no bfloat16 MatMul.
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ from llmexport.runtime.bundle import names as io
 from .backend import Backend
 from .bundle import NUMPY_DTYPES, Bundle, paths
 
-_RUNS_DTYPES = ("float32", "float16")  # bfloat16 bundles are refused (see README)
+BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16: numpy has no such dtype; ONNX Runtime takes the enum
 PREFILL, DECODE = io.PREFILL, io.DECODE
 
 
@@ -50,16 +65,18 @@ def _ort():
 
 
 class OnnxRuntimeBackend(Backend):
-    def __init__(self, bundle: Bundle, device: str = "cpu", *, cuda_graph: bool = True, prepack: bool = True,
-                 decode_graph: bool | None = None, cache_rows: int | None = None, threads: int | None = None):
+    def __init__(self, bundle: Bundle, device: str = "cpu", *, cuda_graph: bool = False, prepack: bool = True,
+                 decode_graph: bool | None = None, cache_rows: int | None = None, threads: int | None = None,
+                 device_path: bool | None = None):
+        """device_path: weights and buffers as on a GPU (None: on cuda only; see the module docstring)."""
         super().__init__(bundle, cache_rows, threads)
         self._prepack = prepack
         ort = _ort()
-        if bundle.dtype not in _RUNS_DTYPES:
-            raise LLMExportError(f"the ONNX Runtime backend runs float32 and float16 bundles, not {bundle.dtype}; "
-                                 f"re-export with --dtype float16")
         if device not in ("cpu", "cuda"):
             raise LLMExportError(f"unknown device {device!r}; use cpu or cuda")
+        if bundle.dtype == "bfloat16" and device != "cuda":
+            raise LLMExportError("ONNX Runtime's CPU provider has no bfloat16 MatMul; run this bundle with --device "
+                                 "cuda (onnxruntime-gpu), or re-export with --dtype float16 or float32")
         if device == "cuda" and bundle.target == "ort" and bundle.dtype == "float32":
             raise LLMExportError("ONNX Runtime's CUDA GroupQueryAttention has no float32 kernel; "
                                  "re-export with --dtype float16 for --device cuda")
@@ -67,12 +84,16 @@ class OnnxRuntimeBackend(Backend):
             raise LLMExportError("device cuda needs onnxruntime-gpu with a visible GPU; "
                                  "pip install onnxruntime-gpu, or use --device cpu")
         self.device = device
+        self.device_path = device == "cuda" if device_path is None else device_path
+        if self.device_path and decode_graph:
+            raise LLMExportError("the device path runs both phases on one session of the prefill graph; "
+                                 "decode_graph=True needs the host path (device_path=False, CPU)")
         self.name = f"onnxruntime-{device}"
-        self._dtype = NUMPY_DTYPES[bundle.dtype]
-        self._weights = ort_weights(bundle, device)
-        self._graph = cuda_graph and device == "cuda"
-        if decode_graph is None:
-            decode_graph = device == "cuda"
+        self._dtype = NUMPY_DTYPES[bundle.dtype]  # host view (uint16 for bfloat16)
+        self._element = BFLOAT16 if bundle.dtype == "bfloat16" else self._dtype  # what ONNX Runtime is told
+        self._graph = cuda_graph  # decode under a gpu_graph_id, its inputs at fixed addresses
+        # The host path hands ONNX Runtime views of the memory map; the device path lets it read weights.bin.
+        self._weights = {} if self.device_path else ort_weights(bundle)
         self._sessions = {PREFILL: self._session(PREFILL)}
         if decode_graph:
             self._sessions[DECODE] = self._session(DECODE)
@@ -93,12 +114,11 @@ class OnnxRuntimeBackend(Backend):
     def _session(self, phase: str):
         return create_session(self.bundle, self._weights, self.bundle.graph_path(phase), device=self.device,
                               threads=self.threads, prepack=self._prepack,
-                              cuda_graph=self._graph and phase == DECODE)
+                              cuda_graph=self._graph and self.device == "cuda")
 
     def _zeros(self, shape):
-        if self.device == "cuda":
-            ort = _ort()
-            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._dtype, "cuda", 0)
+        if self.device_path:  # ONNX Runtime's allocation on the device, filled once from the host
+            value = _ort().OrtValue.ortvalue_from_shape_and_type(shape, self._element, self.device, 0)
             value.update_inplace(np.zeros(shape, dtype=self._dtype))
             return value
         return np.zeros(shape, dtype=self._dtype)
@@ -106,13 +126,17 @@ class OnnxRuntimeBackend(Backend):
     # -- running -----------------------------------------------------------------------------
 
     def _address(self, buffer) -> int:
-        return buffer.data_ptr() if self.device == "cuda" else buffer.ctypes.data
+        return buffer.data_ptr() if self.device_path else buffer.ctypes.data
 
     def cache_addresses(self) -> list[int]:
         return [self._address(b) for caches in self._caches for b in caches]
 
     def _host(self, buffer) -> np.ndarray:
-        return buffer.numpy() if self.device == "cuda" else buffer
+        if not self.device_path:
+            return buffer
+        if self._element == BFLOAT16:
+            raise LLMExportError("reading bfloat16 caches back to the host is not supported (numpy has no bfloat16)")
+        return buffer.numpy()
 
     def cache_arrays(self, rows: range, length: int | None = None) -> list[np.ndarray]:
         sets = [[self._host(b) for b in caches] for caches in self._caches]
@@ -126,9 +150,9 @@ class OnnxRuntimeBackend(Backend):
         for row in rows:
             if self._row_set[row] != current:
                 for src, dst in zip(self._caches[1 - current], self._caches[current]):
-                    if self.device == "cuda":  # through the host: only portable bundles on CUDA get here
-                        whole = dst.numpy()
-                        whole[row] = src.numpy()[row]
+                    if self.device_path:  # through the host: only portable bundles on a device get here
+                        whole = self._host(dst).copy()
+                        whole[row] = self._host(src)[row]
                         dst.update_inplace(whole)
                     else:
                         dst[row] = src[row]
@@ -142,27 +166,38 @@ class OnnxRuntimeBackend(Backend):
         shape = self.bundle.cache_shape(len(rows))
         row_bytes = int(np.prod(shape[1:])) * np.dtype(self._dtype).itemsize
         for name, out_name, src, dst in zip(io.cache_inputs(layers), io.cache_outputs(layers), past, present):
-            binding.bind_input(name, self.device, 0, self._dtype, shape, self._address(src) + rows.start * row_bytes)
-            binding.bind_output(out_name, self.device, 0, self._dtype, shape,
+            binding.bind_input(name, self.device, 0, self._element, shape,
+                               self._address(src) + rows.start * row_bytes)
+            binding.bind_output(out_name, self.device, 0, self._element, shape,
                                 self._address(dst) + rows.start * row_bytes)
 
-    def _bind_tokens(self, binding, phase, input_ids, position_ids, seq_lens) -> None:
+    def _bind_tokens(self, binding, graph: bool, input_ids, position_ids, seq_lens) -> None:
         feeds = {io.INPUT_IDS: input_ids, io.POSITION_IDS: position_ids, io.SEQ_LENS: seq_lens}
-        if not (self._graph and phase == DECODE):
+        if not graph:
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
             return
-        # A captured graph replays fixed addresses: keep one device buffer per input and batch size.
-        ort = _ort()
-        batch = input_ids.shape[0]
-        fixed = self._graph_inputs.setdefault(batch, {
-            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=np.int64), "cuda", 0)
-            for name, a in feeds.items()} | {
-            io.LOGITS: ort.OrtValue.ortvalue_from_shape_and_type((batch, self.bundle.vocab_size), np.float32, "cuda", 0)})
+        # A captured graph replays fixed addresses: the inputs' device buffers are updated in place.
+        fixed = self._fixed(input_ids.shape[0])
         for name, array in feeds.items():
             fixed[name].update_inplace(np.ascontiguousarray(array, dtype=np.int64))
             binding.bind_ortvalue_input(name, fixed[name])
-        binding.bind_ortvalue_output(io.LOGITS, fixed[io.LOGITS])  # bound first: output 0
+
+    def _fixed(self, batch: int) -> dict[str, object]:
+        """One device buffer per graph input and the logits, per decode batch size, allocated once."""
+        if batch not in self._graph_inputs:
+            ort = _ort()
+            value = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)  # noqa: E731
+            self._graph_inputs[batch] = {io.INPUT_IDS: value((batch, 1), np.int64),
+                                         io.POSITION_IDS: value((batch, 1), np.int64),
+                                         io.SEQ_LENS: value((batch,), np.int64),
+                                         io.LOGITS: value((batch, self.bundle.vocab_size), np.float32)}
+        return self._graph_inputs[batch]
+
+    def graph_id(self, rows: range, current: int) -> int:
+        """The gpu_graph_id of decode over `rows` from cache set `current`: 1, 2, ... (0 is ONNX
+        Runtime's own default id)."""
+        return 1 + 2 * (len(rows) * self.cache_rows + rows.start) + current
 
     def step(self, phase, input_ids, position_ids, seq_lens, rows):
         self.check_step(seq_lens, rows)
@@ -173,15 +208,16 @@ class OnnxRuntimeBackend(Backend):
         binding = self._bindings.get(key)
         if binding is None:  # made once per key: later steps rebind only the token inputs
             binding = self._bindings[key] = self._sessions[phase].io_binding()
-            if not graph:
-                binding.bind_output(io.LOGITS, "cpu")  # bound first: output 0
+            if graph:  # bound first: output 0
+                binding.bind_ortvalue_output(io.LOGITS, self._fixed(len(rows))[io.LOGITS])
+            else:
+                binding.bind_output(io.LOGITS, "cpu")
             self._bind_caches(binding, rows, current)
-        self._bind_tokens(binding, phase, input_ids, position_ids, seq_lens)
+        self._bind_tokens(binding, graph, input_ids, position_ids, seq_lens)
         options = ort.RunOptions()
-        if graph:
-            # One captured graph per (batch, rows, cache set): each has its own fixed addresses.
-            options.add_run_config_entry("gpu_graph_id", str(1 + 2 * (len(rows) * self.cache_rows + rows.start)
-                                                              + current))
+        if self._graph:  # one captured graph per (window, cache set), each with its own fixed addresses;
+            # -1: this run is not captured (prefill shares the session on the device path)
+            options.add_run_config_entry("gpu_graph_id", str(self.graph_id(rows, current) if graph else -1))
         started = time.perf_counter()
         try:
             self._sessions[phase].run_with_iobinding(binding, options)
@@ -202,13 +238,10 @@ class OnnxRuntimeBackend(Backend):
         self._weights.clear()
 
 
-def ort_weights(bundle: Bundle, device: str = "cpu") -> dict[str, object]:
-    """OrtValues of every weight: views of the bundle's memory map on CPU (the Bundle keeps it
-    alive), one device copy on CUDA."""
+def ort_weights(bundle: Bundle) -> dict[str, object]:
+    """OrtValues of every weight for `add_initializer`: views of the bundle's memory map (buffers
+    the caller owns; the Bundle keeps the map alive)."""
     ort = _ort()
-    if device == "cuda":
-        return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0)
-                for name, a in bundle.weights.items()}
     return {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in bundle.weights.items()}
 
 

@@ -31,7 +31,8 @@ def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "
                    cuda_graph: bool | None = None, threads: int | None = None, reference=None) -> Backend:
     """The named backend for `bundle`; heavy libraries are imported only for the one asked for.
 
-    cuda_graph: capture decode as CUDA graphs (None: yes for onnxruntime on CUDA, no for torch).
+    cuda_graph: capture decode as CUDA graphs (None: no; on onnxruntime UNVERIFIED and expected to be
+    refused until issue #14 item 2, see onnxruntime_backend).
     threads: CPU threads of the compute library (None: its default, every core).
     reference: a model source (exporter.verify.reference_source: the checkpoint or preset the
     bundle came from); the torch backend then runs its weights in float32 (eval --model).
@@ -41,7 +42,7 @@ def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "
     if backend == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(bundle, device, cuda_graph=True if cuda_graph is None else cuda_graph,
+        return OnnxRuntimeBackend(bundle, device, cuda_graph=bool(cuda_graph),
                                   threads=threads)
     if backend == "torch":
         from .torch_backend import TorchBackend

@@ -98,6 +98,7 @@ class TorchBackend(Backend):
         self.device = device
         self._cuda_graph = cuda_graph
         self._graphs: dict[tuple[int, int], tuple] = {}
+        self._pool = None  # one memory pool shared by every captured decode shape (see _replay)
         dtype = dtype or bundle.dtype
         self.model = load_model(source or BundleSource(bundle), dtype=dtype, max_seq_len=bundle.max_seq_len,
                                 device=device)
@@ -113,6 +114,7 @@ class TorchBackend(Backend):
         the bundle's memory map, which Session.close then releases."""
         self.model, self.k, self.v = None, [], []
         self._graphs.clear()
+        self._pool = None
 
     def _forward(self, ids, pos, lens, rows):
         k = [c[rows.start: rows.stop] for c in self.k]
@@ -146,7 +148,12 @@ class TorchBackend(Backend):
                 logits = self._forward(*static, rows)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # recorded, not run: the step above already wrote the caches
+            # One pool for every shape (torch.cuda.graph's `pool=`, a graph_pool_handle()): a private
+            # pool per captured shape would hold each shape's activations apart. Sharing is safe as
+            # used here: replays never overlap and each replay's logits are copied out before the
+            # next one (PyTorch CUDA semantics, "Graph memory management"; UNVERIFIED: no GPU here).
+            self._pool = self._pool if self._pool is not None else torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):  # recorded, not run: the step above wrote the caches
                 out = self._forward(*static, rows)
             self._graphs[key] = (graph, static, out)
             return logits.cpu().numpy()
