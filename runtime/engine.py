@@ -26,11 +26,12 @@ rows into a dense batch would copy every layer's cache each step instead.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,7 @@ class Request:
         self.sampler = Sampler(params, prompt)
         self.text = TextStream(engine.tokenizer, params.stop)
         self.events: deque[TokenEvent] = deque()
+        self._queue: asyncio.Queue | None = None  # submit_async's
         self.submitted_at = time.perf_counter()
         self.token_times: list[float] = []
 
@@ -100,6 +102,24 @@ class Request:
         """Stop generating; the row is freed at the start of the engine's next iteration (or now,
         when the request has not started). The last event has finish_reason "cancelled"."""
         self.engine._cancel(self)
+
+    async def next_event(self) -> TokenEvent:
+        """The next event of a request made by Engine.submit_async (awaits the engine's thread)."""
+        return await self._queue.get()
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        """`async for event in request` (submit_async); leaving the loop early cancels the request."""
+        try:
+            while True:
+                event = await self.next_event()
+                if event.finish_reason == "error":
+                    raise LLMExportError(self.error)
+                yield event
+                if event.finish_reason:
+                    return
+        finally:
+            if not self.done:
+                self.cancel()
 
     def __iter__(self) -> Iterator[TokenEvent]:
         try:
@@ -180,6 +200,17 @@ class Engine:
             request = Request(self, next(self._ids), prompt, params, eos, index, sink)
             self.waiting.append(request)
             self._cond.notify_all()
+        return request
+
+    def submit_async(self, prompt: Sequence[int], params: SamplingParams, *, index: int = 0) -> Request:
+        """submit() from a coroutine: `async for event in request`, or `await request.next_event()`.
+        The engine must iterate on its background thread (start())."""
+        if self._thread is None:
+            raise LLMExportError("asyncio clients need the engine on its background thread: call engine.start()")
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        request = self.submit(prompt, params, index=index,
+                              sink=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+        request._queue = queue
         return request
 
     def _cancel(self, request: Request) -> None:

@@ -85,28 +85,26 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "llmexport",
                                             "max_model_len": session.bundle.max_seq_len}]}
 
-    def submit(body, http: HTTPRequest) -> tuple[Request, asyncio.Queue, int]:
+    def submit(body) -> tuple[Request, int]:
         if body.model is not None and body.model != name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {name!r}",
                            "invalid_request_error", "model")
         try:
             ids = prompt_ids(session, body)
-            params = sampling(session, body, len(ids))
-            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-            request = engine.submit(ids, params, sink=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+            request = engine.submit_async(ids, sampling(session, body, len(ids)))
         except QueueFull as e:
             metrics.reject()
             raise APIError(429, str(e), "rate_limit_exceeded") from None
         except LLMExportError as e:
             raise APIError(400, str(e)) from None
-        return request, queue, len(ids)
+        return request, len(ids)
 
-    async def events(request: Request, queue: asyncio.Queue, http: HTTPRequest):
+    async def events(request: Request, http: HTTPRequest):
         """The request's TokenEvents; cancels it when the client goes away or the caller stops."""
         try:
             while True:
                 try:
-                    event: TokenEvent = await asyncio.wait_for(queue.get(), POLL_S)
+                    event: TokenEvent = await asyncio.wait_for(request.next_event(), POLL_S)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return
@@ -122,7 +120,7 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
                 "total_tokens": n_prompt + len(request.tokens)}
 
     async def respond(body, http: HTTPRequest, chat: bool):
-        request, queue, n_prompt = submit(body, http)
+        request, n_prompt = submit(body)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
@@ -139,7 +137,7 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
         if body.stream:
             async def sse():
                 first = True
-                async for event in events(request, queue, http):
+                async for event in events(request, http):
                     if event.finish_reason == "error":
                         payload = {"error": {"message": request.error, "type": "server_error", "param": None,
                                              "code": None}}
@@ -158,7 +156,7 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         pieces = []
-        async for event in events(request, queue, http):
+        async for event in events(request, http):
             pieces.append(event.text)
         if request.finish_reason == "error":
             raise APIError(500, request.error or "generation failed", "server_error")

@@ -5,6 +5,7 @@ same request run alone, on every target and dtype the CPU runs."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def _random_arrivals(engine: Engine, work, seed: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("target, dtype", [("ort", "float32"), ("portable", "float32"), ("ort", "float16"),
-                                           ("portable", "float16")])
+                                           ("portable", "float16"), ("tensorrt", "float32")])
 def test_requests_joining_mid_decode_get_the_tokens_they_get_alone(bundle_factory, target, dtype):
     """12 requests on 4 rows arrive at random iterations: queueing, joins mid-decode, chunked
     prefill (chunk 5 while others decode), batched fresh prefills and bucketed windows."""
@@ -198,3 +199,43 @@ def test_submit_checks_the_prompt(bundle_factory):
             with pytest.raises(LLMExportError, match=message):
                 session.engine.submit(prompt, SamplingParams())
         assert not session.engine.busy
+
+
+def test_asyncio_clients_get_their_alone_tokens(bundle_factory):
+    """submit_async from coroutines (the engine on its background thread), one client leaving
+    early: the others get their tokens, the early one is cancelled and its row freed."""
+    import asyncio
+
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    work = _requests(6, 5)
+    with Session(bundle_dir) as session:
+        alone = _alone(session, work)
+        engine = session.engine
+        with pytest.raises(LLMExportError, match="call engine.start"):
+            asyncio.run(_collect(engine, work[:1]))
+        engine.start()
+
+        async def leave_early():
+            request = engine.submit_async([5, 6, 7], SamplingParams(max_new_tokens=50, ignore_eos=True))
+            async for _ in request:
+                break
+            return request
+
+        async def main():
+            return await asyncio.gather(_collect(engine, work), leave_early())
+
+        tokens, early = asyncio.run(main())  # leaving run() closes the early loop: it cancels
+        assert tokens == alone and early.finish_reason == "cancelled"
+        deadline = time.time() + 10
+        while engine.slots.in_use:  # freed by the engine thread's current iteration at the latest
+            assert time.time() < deadline
+            time.sleep(0.01)
+
+
+async def _collect(engine, work):
+    import asyncio
+
+    async def one(prompt, params):
+        return [e.token_id async for e in engine.submit_async(prompt, params)]
+
+    return list(await asyncio.gather(*(one(p, params) for p, params in work)))
