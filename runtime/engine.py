@@ -294,6 +294,11 @@ class Engine:
                 self.stats["decode_iterations"] += 1
                 self.stats["decode_iteration_s"] += time.perf_counter() - started
                 self.stats["decode_graph_s"] += self.backend.graph_s - graph
+        except Exception as e:  # noqa: BLE001  (a bug outside the backend call: fail what runs, keep the engine)
+            with self._cond:
+                for request in list(self.running.values()):
+                    request.error = f"internal error in the engine: {type(e).__name__}: {e}"
+                    self._finish(request, "error")
         finally:
             with self._cond:
                 self._stepping = False

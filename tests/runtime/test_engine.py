@@ -239,3 +239,25 @@ async def _collect(engine, work):
         return [e.token_id async for e in engine.submit_async(prompt, params)]
 
     return list(await asyncio.gather(*(one(p, params) for p, params in work)))
+
+
+def test_an_internal_error_fails_the_running_requests_and_the_engine_goes_on(bundle_factory):
+    """A bug outside the backend call (here: a sampler that raises) must not kill the engine's
+    thread and leave every client waiting: the running requests fail with the message, the
+    next ones run."""
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    with Session(bundle_dir) as session:
+        engine = session.engine
+        want = session.generate([[5, 6, 7]], params).token_ids[0]
+        doomed = engine.submit([5, 6, 7], params)  # nothing steps yet: no thread, no waiter
+
+        def broken(logits):
+            raise ValueError("sampler bug")
+
+        doomed.sampler = type("Broken", (), {"__call__": staticmethod(broken), "observe": lambda self, t: None})()
+        engine.start()
+        with pytest.raises(LLMExportError, match="internal error in the engine: ValueError: sampler bug"):
+            list(doomed)
+        assert [e.token_id for e in engine.submit([5, 6, 7], params)] == want
+        assert engine.slots.in_use == 0
