@@ -115,7 +115,7 @@ def _runners(config: BenchConfig, bundle: Path, quantized: dict[str, Path]) -> l
         BundleRunner("onnxruntime-cpu", bundle, "onnxruntime", "cpu", threads=threads),
         BundleRunner("onnxruntime-cuda", bundle, "onnxruntime", "cuda") if gpu
         else MissingRunner("onnxruntime-cuda", "needs a GPU"),
-        # unverified: capture is expected to be refused until issue #14 item 2 (then this row says why)
+        # unverified: no GPU run yet (if ONNX Runtime refuses the capture, this row says why)
         BundleRunner("onnxruntime-cuda + CUDA graph", bundle, "onnxruntime", "cuda", cuda_graph=True) if gpu
         else MissingRunner("onnxruntime-cuda + CUDA graph", "needs a GPU"),
         MissingRunner("tensorrt", "TensorRT is not installed (and no TensorRT backend in this version)"),

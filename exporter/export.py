@@ -231,8 +231,21 @@ def _optimize(model: ir.Model, target: str) -> ir.Model:
     if target == "ort":
         fuse_rms_normalization(model)
         fuse_skip_rms_normalization(model)
+        _total_seq_len_input(model)
         cleanup(model)
     return model
+
+
+def _total_seq_len_input(model: ir.Model) -> None:
+    """GroupQueryAttention's total_sequence_length from a graph input (int32 scalar, fed on the
+    host) instead of Cast(ReduceMax(seq_lens)): ONNX Runtime's CUDA kernel reads it on the host, so
+    computing it on the device puts a device-to-host copy in the graph, and CUDA-graph capture
+    refuses graphs with copies (issue #14 item 2)."""
+    total = ir.Value(name=io.TOTAL_SEQ_LEN, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
+    model.graph.inputs.append(total)
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            node.replace_input_with(6, total)
 
 
 def _check_weights_kept(graph: ir.Model, names: set[str], phase: str) -> None:

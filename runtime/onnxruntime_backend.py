@@ -23,9 +23,11 @@ the same code:
   and verify only. With `cuda_graph=True` each decode step runs under a `gpu_graph_id` (one per
   window and cache set, inputs at fixed device addresses updated in place) and prefill under
   -1, which disables capture for that run (onnxruntime_run_options_config_keys.h; how
-  onnxruntime-genai runs its first, prompt step). UNVERIFIED: no GPU here, and capture is
-  expected to be refused until the graphs stop copying GroupQueryAttention's
-  total_sequence_length to the host (issue #14, item 2), so it is off by default.
+  onnxruntime-genai runs its first, prompt step). GroupQueryAttention's total_sequence_length is
+  read on the host, so `ort` graphs take it as the input `total_seq_len` (no device-to-host copy
+  in the graph): max(seq_lens) on every run, max_seq_len on a captured decode step (the value is
+  baked into the capture; the kernel's per-row lengths come from seq_lens on the device).
+  UNVERIFIED: no GPU here, so capture is off by default.
 - KV cache: one key and one value buffer per layer, `(max_batch, kv_heads, max_seq_len,
   head_dim)`, allocated once. Every step binds each layer's past and present to the same
   address (IO binding by pointer), so the `ort` target's GroupQueryAttention writes the new
@@ -100,6 +102,8 @@ class OnnxRuntimeBackend(Backend):
         else:  # not run here, but hosts that drive the graphs load it: check it as well
             paths.check_graph(bundle.path, bundle.graph_path(DECODE))
             self._sessions[DECODE] = self._sessions[PREFILL]
+        self._takes_total = {phase: io.TOTAL_SEQ_LEN in {i.name for i in session.get_inputs()}
+                             for phase, session in self._sessions.items()}
         layers = bundle.num_layers
         sets = 1 if bundle.cache_in_place else 2
         shape = bundle.cache_shape(self.cache_rows)
@@ -171,8 +175,11 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_output(out_name, self.device, 0, self._element, shape,
                                 self._address(dst) + rows.start * row_bytes)
 
-    def _bind_tokens(self, binding, graph: bool, input_ids, position_ids, seq_lens) -> None:
+    def _bind_tokens(self, binding, graph: bool, input_ids, position_ids, seq_lens, phase: str) -> None:
         feeds = {io.INPUT_IDS: input_ids, io.POSITION_IDS: position_ids, io.SEQ_LENS: seq_lens}
+        if self._takes_total[phase]:  # read on the host; a captured step bakes it: there, the capacity
+            total = self.bundle.max_seq_len if graph else int(np.max(seq_lens))
+            binding.bind_cpu_input(io.TOTAL_SEQ_LEN, np.array(total, dtype=np.int32))
         if not graph:
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
@@ -213,7 +220,7 @@ class OnnxRuntimeBackend(Backend):
             else:
                 binding.bind_output(io.LOGITS, "cpu")
             self._bind_caches(binding, rows, current)
-        self._bind_tokens(binding, graph, input_ids, position_ids, seq_lens)
+        self._bind_tokens(binding, graph, input_ids, position_ids, seq_lens, phase)
         options = ort.RunOptions()
         if self._graph:  # one captured graph per (window, cache set), each with its own fixed addresses;
             # -1: this run is not captured (prefill shares the session on the device path)

@@ -31,8 +31,8 @@ def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "
                    cuda_graph: bool | None = None, threads: int | None = None, reference=None) -> Backend:
     """The named backend for `bundle`; heavy libraries are imported only for the one asked for.
 
-    cuda_graph: capture decode as CUDA graphs (None: no; on onnxruntime UNVERIFIED and expected to be
-    refused until issue #14 item 2, see onnxruntime_backend).
+    cuda_graph: capture decode as CUDA graphs (None: no; on onnxruntime UNVERIFIED, see
+    onnxruntime_backend).
     threads: CPU threads of the compute library (None: its default, every core).
     reference: a model source (exporter.verify.reference_source: the checkpoint or preset the
     bundle came from); the torch backend then runs its weights in float32 (eval --model).

@@ -17,7 +17,7 @@ from .quant import LAYOUTS, stored_tensors
 from .weights import NUMPY_DTYPES
 
 FORMAT = "llmexport-bundle"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: `ort` graphs take total_seq_len
 MANIFEST = "manifest.json"
 
 

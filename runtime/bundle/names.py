@@ -6,6 +6,11 @@ INPUT_IDS = "input_ids"  # int64 (batch, sequence)
 POSITION_IDS = "position_ids"  # int64 (batch, sequence): the cache slot of each new token
 SEQ_LENS = "seq_lens"  # int64 (batch,): valid tokens per sequence after this step
 LOGITS = "logits"  # float32 (batch, vocab): last real token of each sequence
+# int32 scalar, `ort` bundles only: GroupQueryAttention's total_sequence_length, which ONNX
+# Runtime reads on the host: max(seq_lens), or max_seq_len for a decode step captured as a CUDA
+# graph (its value is baked into the capture). A graph input rather than ReduceMax(seq_lens) so
+# no device-to-host copy sits in the graph (onnxruntime-genai derives it from a shape likewise).
+TOTAL_SEQ_LEN = "total_seq_len"
 
 BATCH = "batch"
 SEQUENCE = "sequence"

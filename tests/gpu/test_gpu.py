@@ -42,7 +42,8 @@ def llama7b(tmp_path_factory):
 
 @needs_ort_cuda
 def test_onnxruntime_cuda_cuda_graph_decode_equals_plain_decode(bundle_factory):
-    """CUDA-graph decode on ONNX Runtime (expected to fail until issue #14 item 2)."""
+    """CUDA-graph decode on ONNX Runtime: the graphs take total_seq_len from the host, so no copy
+    node should stand in the way of capture (issue #14 item 2; unverified until this runs)."""
     bundle_dir, _ = bundle_factory("llama3", "ort", "float16")
     with Session(bundle_dir, device="cuda") as plain:
         want = plain.generate(PROMPTS, GREEDY).token_ids
