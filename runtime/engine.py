@@ -99,8 +99,8 @@ class Request:
         return self.pending is not None and not self.done
 
     def cancel(self) -> None:
-        """Stop generating; the row is freed at the start of the engine's next iteration (or now,
-        when the request has not started). The last event has finish_reason "cancelled"."""
+        """Stop generating; the row is freed now, or at the end of the iteration under way. The
+        last event has finish_reason "cancelled"."""
         self.engine._cancel(self)
 
     async def next_event(self) -> TokenEvent:
@@ -143,7 +143,7 @@ class Engine:
     """Owns `backend` and every KV row it allocated; the only generation loop in llmexport."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None, *, eos_token_ids: Sequence[int] = (),
-                 max_queue: int | None = None, prefill_chunk: int = 256, vocab_size: int | None = None):
+                 max_queue: int | None = None, prefill_chunk: int = 256):
         """max_queue: requests that may wait for a row (beyond the free rows) before submit raises
         QueueFull (None: no limit; 0: only what the free rows take).
         prefill_chunk: prompt tokens prefilled per iteration while other requests decode."""
@@ -152,7 +152,7 @@ class Engine:
         self.backend, self.tokenizer = backend, tokenizer
         self.bundle = backend.bundle
         self.max_seq_len = self.bundle.max_seq_len
-        self.vocab_size = vocab_size or self.bundle.vocab_size
+        self.vocab_size = self.bundle.vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.slots = KVSlots(backend.cache_rows)
@@ -164,7 +164,7 @@ class Engine:
         self._stepping = False
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.stats = {"decode_steps": 0, "prefill_calls": 0, "generated_tokens": 0, "iterations": 0,
+        self.stats = {"decode_steps": 0, "prefill_calls": 0, "generated_tokens": 0,
                       # iterations that only decoded: their wall time and the part inside the compute
                       # library (backend.graph_s); the rest is host work (binding, sampling, streaming)
                       "decode_iterations": 0, "decode_iteration_s": 0.0, "decode_graph_s": 0.0}
@@ -278,7 +278,6 @@ class Engine:
             thread.join(timeout)
             self._thread = None
 
-
     # -- one iteration ------------------------------------------------------------------------
 
     def step(self) -> None:
@@ -306,10 +305,8 @@ class Engine:
 
     def _iteration(self) -> None:
         """Reap, admit, prefill within the budget, one decode step for every decoding request."""
-        self.stats["iterations"] += 1
         with self._cond:
-            for request in [r for r in self.running.values() if r.cancelled]:
-                self._finish(request, "cancelled")
+            self._reap()
             while self.waiting and (row := self.slots.take()) is not None:
                 request = self.waiting.popleft()
                 request.row = row
@@ -321,8 +318,13 @@ class Engine:
         if decoding:
             self._decode(decoding)
         with self._cond:  # cancelled during this iteration: free the rows before the next
-            for request in [r for r in self.running.values() if r.cancelled]:
-                self._finish(request, "cancelled")
+            self._reap()
+
+    def _reap(self) -> None:
+        """Under the lock: finish the running requests marked cancelled (by a cancel during an
+        iteration, or by shutdown) and free their rows."""
+        for request in [r for r in self.running.values() if r.cancelled]:
+            self._finish(request, "cancelled")
 
     def _prefill(self, requests: list[Request], budget: int | None) -> None:
         groups: list[list[Request]] = []

@@ -151,16 +151,16 @@ class OnnxRuntimeBackend(Backend):
         """The set every row of `rows` is in, after copying the rows in the other set across."""
         held = self._row_set[rows.start: rows.stop]
         current = int(np.bincount(held, minlength=2).argmax())
-        for row in rows:
-            if self._row_set[row] != current:
-                for src, dst in zip(self._caches[1 - current], self._caches[current]):
-                    if self.device_path:  # through the host: only portable bundles on a device get here
-                        whole = self._host(dst).copy()
-                        whole[row] = self._host(src)[row]
-                        dst.update_inplace(whole)
-                    else:
-                        dst[row] = src[row]
-                self._row_set[row] = current
+        odd = [row for row in rows if self._row_set[row] != current]
+        if odd:
+            for src, dst in zip(self._caches[1 - current], self._caches[current]):
+                if self.device_path:  # through the host: only portable bundles on a device get here
+                    whole = self._host(dst).copy()
+                    whole[odd] = self._host(src)[odd]
+                    dst.update_inplace(whole)
+                else:
+                    dst[odd] = src[odd]
+            self._row_set[odd] = current
         return current
 
     def _bind_caches(self, binding, rows: range, current: int) -> None:

@@ -160,7 +160,7 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
             pieces.append(event.text)
         if request.finish_reason == "error":
             raise APIError(500, request.error or "generation failed", "server_error")
-        if not request.done:  # the client left
+        if request.finish_reason in (None, "cancelled"):  # the client left (its cancel may be under way)
             return JSONResponse({}, 499)
         text, reason = "".join(pieces), FINISH.get(request.finish_reason, request.finish_reason)
         if chat:
