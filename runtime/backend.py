@@ -33,11 +33,13 @@ class Backend(ABC):
 
     @abstractmethod
     def step(self, phase: str, input_ids: np.ndarray, position_ids: np.ndarray, seq_lens: np.ndarray,
-             rows: range) -> np.ndarray:
+             rows: range, copy: bool = True) -> np.ndarray:
         """Run `phase` ("prefill" or "decode") on cache rows `rows`.
 
         input_ids, position_ids: int64 (B, S); seq_lens: int64 (B,) valid tokens per sequence after
         this step; B == len(rows). Returns float32 logits (B, vocab) of each row's last real token.
+        copy=False: the array may be a buffer the backend's next step overwrites (the engine
+        samples before its next step, and saves a copy of B x vocab floats per step).
         """
 
     def check_step(self, seq_lens: np.ndarray, rows: range) -> None:

@@ -385,7 +385,7 @@ class Engine:
     def _call(self, requests, phase, ids, positions, lengths, rows):
         """backend.step; a failure finishes `requests` with the error and leaves the engine running."""
         try:
-            return self.backend.step(phase, ids, positions, lengths, rows)
+            return self.backend.step(phase, ids, positions, lengths, rows, copy=False)  # sampled before the next step
         except Exception as e:  # noqa: BLE001  (a server must outlive any backend failure)
             message = str(e) if isinstance(e, LLMExportError) else f"{phase} failed: {type(e).__name__}: {e}"
             with self._cond:

@@ -111,6 +111,7 @@ class OnnxRuntimeBackend(Backend):
         self._caches = [[self._zeros(shape) for _ in range(2 * layers)] for _ in range(sets)]
         self._row_set = np.zeros(self.cache_rows, dtype=np.int64)  # the set holding each row's cache
         self._bindings: dict[tuple, object] = {}
+        self._logits = np.empty((self.cache_rows, bundle.vocab_size), np.float32)  # bound by every uncaptured step
         self._graph_inputs: dict[int, dict[str, object]] = {}
 
     # -- loading -----------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class OnnxRuntimeBackend(Backend):
         Runtime's own default id)."""
         return 1 + 2 * (len(rows) * self.cache_rows + rows.start) + current
 
-    def step(self, phase, input_ids, position_ids, seq_lens, rows):
+    def step(self, phase, input_ids, position_ids, seq_lens, rows, copy=True):
         self.check_step(seq_lens, rows)
         ort = _ort()
         current = self._settle(rows) if len(self._caches) == 2 else 0
@@ -217,8 +218,9 @@ class OnnxRuntimeBackend(Backend):
             binding = self._bindings[key] = self._sessions[phase].io_binding()
             if graph:  # bound first: output 0
                 binding.bind_ortvalue_output(io.LOGITS, self._fixed(len(rows))[io.LOGITS])
-            else:
-                binding.bind_output(io.LOGITS, "cpu")
+            else:  # the first len(rows) rows of one host buffer: no allocation per run
+                binding.bind_output(io.LOGITS, "cpu", 0, np.float32, self._logits[: len(rows)].shape,
+                                    self._logits.ctypes.data)
             self._bind_caches(binding, rows, current)
         self._bind_tokens(binding, graph, input_ids, position_ids, seq_lens, phase)
         options = ort.RunOptions()
@@ -234,9 +236,9 @@ class OnnxRuntimeBackend(Backend):
             self.graph_s += time.perf_counter() - started
         if len(self._caches) == 2:
             self._row_set[rows.start: rows.stop] = 1 - current
-        # logits only (the caches stay where they are), copied: a reused binding's output buffer
-        # is overwritten by the next run of the same binding
-        return binding.get_outputs()[0].numpy().copy()
+        # logits only (the caches stay where they are); every binding writes the same buffer
+        logits = self._logits[: len(rows)] if not graph else binding.get_outputs()[0].numpy()
+        return logits.copy() if copy else logits
 
     def close(self) -> None:
         self._bindings.clear()

@@ -69,9 +69,10 @@ class Sampler:
         p = self.params
         if p.temperature == 0 and not self._penalised:
             return int(np.argmax(logits))
-        # temperature first is the same as after the penalty: both keep the sign and scale
+        # temperature first is the same as after the penalty: both keep the sign and scale (a
+        # product by the reciprocal: a division is 2-3x slower per element)
         work = _workspace(len(logits))
-        x = np.divide(logits, p.temperature or 1.0, out=work.x)
+        x = np.multiply(logits, 1.0 / (p.temperature or 1.0), out=work.x)
         if self._penalised and self._seen:
             ids = self._ids[: len(self._seen)]
             values = x[ids]
@@ -85,19 +86,42 @@ class Sampler:
             np.maximum(x, -FLOOR, out=x)
         if p.top_k and p.top_k < len(x):
             np.copyto(x, -np.inf, where=np.less(x, _kth_largest(x, p.top_k, work.mask), out=work.mask))
-        u = self.rng.random()
         if p.top_p < 1.0:
-            return Nucleus(x, p.top_p, work).draw(u)
-        return _draw(np.exp(x, out=x), u)
+            return self._top_p(x, p.top_p, work)
+        return _Chunks(np.exp(x, out=x), work.padded_x).draw(self.rng.random())
+
+    def _top_p(self, x: np.ndarray, top_p: float, work: _Workspace) -> int:
+        """A draw from the nucleus by rejection: draw from the whole row, keep the token if it lies
+        in the nucleus (the mass before it in a stable sort is under top_p of the total), else draw
+        again. The kept mass is at least top_p, so this takes 1/top_p draws on average, each a few
+        passes over the row; after TRIES rejections the nucleus is built (Nucleus) and drawn from.
+        Either way the token follows the nucleus' renormalised weights exactly: the tries give token
+        i with probability p_i (1 + (1-P) + ... + (1-P)^(TRIES-1)) and the nucleus draw
+        (1-P)^TRIES p_i / P, summing to p_i / P (P: the kept mass). The weights replace x in place
+        (two live row buffers instead of three: each pass stays in a core's cache)."""
+        probs = np.exp(x, out=x)
+        chunks = _Chunks(probs, work.padded_x)
+        for _ in range(TRIES):
+            token = chunks.draw(self.rng.random())
+            if _in_nucleus(probs, token, top_p, chunks.total, work.flags):
+                return token
+        with np.errstate(divide="ignore"):  # log(0) = -inf: top-k's excluded tokens
+            logs = np.log(probs, out=work.probs)  # monotone in probs: the same nucleus
+        return Nucleus(logs, top_p, work, probs=probs).draw(self.rng.random())
 
 
 class _Workspace:
     """Row-sized scratch arrays, reused from step to step: a fresh 0.6-1.2 MB array each step
-    costs more in page faults than the arithmetic on it (glibc maps blocks this large afresh)."""
+    costs more in page faults than the arithmetic on it (glibc maps blocks this large afresh).
+    x and probs are the heads of zero-padded buffers a whole number of chunks long, so _Chunks
+    sums them as rows of a matrix (3x faster than numpy's reduceat over the same chunks)."""
 
     def __init__(self, size: int):
-        self.x, self.probs = np.empty(size, np.float32), np.empty(size, np.float32)
+        padded = -(-size // _Chunks.WIDTH) * _Chunks.WIDTH
+        self.padded_x, self.padded_probs = np.zeros(padded, np.float32), np.zeros(padded, np.float32)
+        self.x, self.probs = self.padded_x[:size], self.padded_probs[:size]
         self.bins, self.mask = np.empty(size, np.intp), np.empty(size, bool)
+        self.flags = np.empty(size, np.float32)
 
 
 _local = threading.local()
@@ -110,17 +134,62 @@ def _workspace(size: int) -> _Workspace:
     return work
 
 
+class _Chunks:
+    """A row of weights with one sum per 1,024-wide chunk, for draws: a cumulative sum of a
+    151,936-wide row is ~1.5 ms, the chunk sums ~0.01 and a draw's cumulative sum inside one
+    chunk ~0.01. Zero weights are never drawn. `padded`, when given, is the buffer `weights`
+    heads, zero past it to a whole number of chunks: its chunk sums are row sums."""
+
+    WIDTH = 1024
+
+    def __init__(self, weights: np.ndarray, padded: np.ndarray | None = None):
+        self.weights = weights
+        if padded is not None and len(padded) % self.WIDTH == 0 and (
+                padded.__array_interface__["data"][0] == weights.__array_interface__["data"][0]):
+            sums = np.einsum("ij->i", padded.reshape(-1, self.WIDTH))  # the padding adds zeros
+        else:
+            sums = np.add.reduceat(weights, np.arange(0, len(weights), self.WIDTH))
+        self.cumulative = np.cumsum(sums, dtype=np.float64)
+        self.total = float(self.cumulative[-1])  # float32 chunk sums: within 2^-14 of the exact sum
+
+    def draw(self, u: float) -> int:
+        """The index where u (in [0, 1)) falls in the cumulative weights."""
+        target = u * self.total
+        c = min(int(np.searchsorted(self.cumulative, target, side="right")), len(self.cumulative) - 1)
+        start = c * self.WIDTH
+        inside = np.cumsum(self.weights[start: start + self.WIDTH], dtype=np.float64)
+        target -= self.cumulative[c - 1] if c else 0.0
+        return start + min(int(np.searchsorted(inside, target, side="right")), len(inside) - 1)
+
+
 def _draw(weights: np.ndarray, u: float) -> int:
-    """The index where u (in [0, 1)) falls in the cumulative weights: one sum per 1,024-wide
-    chunk, then a cumulative sum inside one chunk (a cumulative sum of a 151,936-wide row is
-    ~1.5 ms, this ~0.05). Zero weights are never drawn."""
-    starts = np.arange(0, len(weights), 1024)
-    chunks = np.cumsum(np.add.reduceat(weights, starts), dtype=np.float64)
-    target = u * chunks[-1]
-    c = min(int(np.searchsorted(chunks, target, side="right")), len(chunks) - 1)
-    inside = np.cumsum(weights[starts[c]: starts[c] + 1024], dtype=np.float64)
-    target -= chunks[c - 1] if c else 0.0
-    return int(starts[c] + min(int(np.searchsorted(inside, target, side="right")), len(inside) - 1))
+    return _Chunks(weights).draw(u)
+
+
+def _in_nucleus(probs: np.ndarray, token: int, top_p: float, total: float, larger: np.ndarray) -> bool:
+    """Whether `token` is in the top-p nucleus of `probs` as Nucleus and a stable sort define it:
+    the mass of the tokens before it (more likely, or as likely with a smaller id) is under
+    top_p of the float64 total. `larger` (float32 scratch) flags the more likely tokens and a
+    product sums them (einsum: numpy's own loop; a masked sum, `where=`, branches per element
+    and is 20x slower on a flat row, and BLAS's dot starts threads that keep spinning into the
+    next graph run). Float32 sums first: the bound on their error, n * 2^-24 of the total for n
+    nonnegative terms in any order (for this sum, and for `total`, a sum of float32 chunk sums),
+    decides all but the tokens that close to the boundary, which are summed again in float64.
+    The tokens as likely as this one and before it (ties) are counted only when they could
+    change the answer."""
+    p = probs[token]
+    np.greater(probs, p, out=larger, casting="unsafe")
+    above, target = float(np.einsum("i,i->", probs, larger)), top_p * total
+    slack = 2 * len(probs) * 2.0**-24 * total
+    if above - slack >= target:  # out whatever ties precede it
+        return False
+    if above + slack + float(p) * token < target:  # in even if every token before it ties with it
+        return True
+    ties = float(p) * np.count_nonzero(probs[:token] == p)  # as likely and before it in a stable sort
+    if abs(above + ties - target) > slack:
+        return above + ties < target
+    before = float(np.add.reduce(np.multiply(probs, larger, out=larger), dtype=np.float64)) + ties  # exact products
+    return before < top_p * float(np.add.reduce(probs, dtype=np.float64))
 
 
 def _kth_largest(x: np.ndarray, k: int, mask: np.ndarray) -> float:
@@ -135,6 +204,7 @@ def _kth_largest(x: np.ndarray, k: int, mask: np.ndarray) -> float:
 
 
 FLOOR = 80.0
+TRIES = 3  # rejected nucleus draws before the nucleus is built
 BINS_PER_NAT, NATS = 64, 64
 BINS = BINS_PER_NAT * NATS
 NEAR = 16.0
@@ -151,9 +221,13 @@ class Nucleus:
     sorted to place the boundary exactly. When the tokens within 16 nats of the top already hold
     top_p of the mass (a peaked row), only they are binned. `x` is overwritten; `work` is scratch."""
 
-    def __init__(self, x: np.ndarray, top_p: float, work: _Workspace | None = None):
+    def __init__(self, x: np.ndarray, top_p: float, work: _Workspace | None = None,
+                 probs: np.ndarray | None = None):
+        """probs: e^x when the caller has it (then x may be any monotone image of it, such as its
+        log: the bins only need the order, the kept mass and draws use probs)."""
         work = work or _Workspace(len(x))
-        probs, self.mask = np.exp(x, out=work.probs), work.mask
+        probs = np.exp(x, out=work.probs) if probs is None else probs
+        self.mask = work.mask
         target = top_p * float(np.add.reduce(probs, dtype=np.float64))
         self.ids = None
         if np.count_nonzero(np.greater_equal(x, -NEAR, out=work.mask)) < len(x) // 4:

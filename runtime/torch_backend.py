@@ -123,7 +123,7 @@ class TorchBackend(Backend):
             logits, _, _ = self.model(ids, pos, lens, k, v, logits_index=io.logits_index(lens, pos))
         return logits
 
-    def step(self, phase, input_ids, position_ids, seq_lens, rows):
+    def step(self, phase, input_ids, position_ids, seq_lens, rows, copy=True):  # always a fresh array
         self.check_step(seq_lens, rows)
         torch = self._torch
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)  # noqa: E731

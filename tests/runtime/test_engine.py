@@ -161,10 +161,10 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(bundle_factory
         engine, real = session.engine, session.backend.step
         want = session.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True)).token_ids[0]
 
-        def broken(phase, *args):
+        def broken(phase, *args, **kwargs):
             if phase == "decode":
                 raise RuntimeError("device lost")
-            return real(phase, *args)
+            return real(phase, *args, **kwargs)
 
         session.backend.step = broken
         doomed = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, ignore_eos=True))
@@ -181,10 +181,10 @@ def test_decode_runs_on_bucketed_windows_from_row_zero(bundle_factory):
     with Session(bundle_dir) as session:
         seen, real = set(), session.backend.step
 
-        def recording(phase, ids, positions, lengths, rows):
+        def recording(phase, ids, positions, lengths, rows, **kwargs):
             if phase == "decode":
                 seen.add((rows.start, len(rows)))
-            return real(phase, ids, positions, lengths, rows)
+            return real(phase, ids, positions, lengths, rows, **kwargs)
 
         session.backend.step = recording
         _random_arrivals(session.engine, _requests(5, 10), 0)

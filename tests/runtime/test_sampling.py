@@ -61,10 +61,10 @@ def test_same_seed_same_draws():
 
 
 def test_top_p_by_binned_mass_keeps_what_a_sort_of_the_whole_vocabulary_keeps():
-    """_nucleus sorts only the tokens of the bin where the mass crosses top_p; on random rows, with
+    """Nucleus sorts only the tokens of the bin where the mass crosses top_p; on random rows, with
     ties and without, peaked and flat, it keeps exactly what a stable sort of the row keeps, and
-    draws only kept tokens."""
-    from llmexport.runtime.sampling import Nucleus
+    draws only kept tokens; the sampler's rejection test (_in_nucleus) agrees token by token."""
+    from llmexport.runtime.sampling import Nucleus, _in_nucleus
 
     def full(probs, top_p):
         order = np.argsort(-probs, kind="stable")
@@ -86,6 +86,15 @@ def test_top_p_by_binned_mass_keeps_what_a_sort_of_the_whole_vocabulary_keeps():
         nucleus = Nucleus(x.copy(), top_p)
         assert np.array_equal(nucleus.kept(), want), trial
         assert all(nucleus.draw(u) in set(want.tolist()) for u in rng.random(20)), trial
+        # the rejection test of one token: the boundary tokens in sorted order, and random ones
+        probs = np.exp(x)
+        order = np.argsort(-probs, kind="stable")
+        edge = len(want)
+        tokens = set(order[max(0, edge - 3): edge + 3].tolist()) | set(rng.integers(0, len(x), 10).tolist())
+        total = float(probs.sum(dtype=np.float64))
+        for token in tokens:
+            inside = _in_nucleus(probs, token, top_p, total, np.empty(len(x), np.float32))
+            assert inside == (token in set(want.tolist())), (trial, token)
 
 
 def test_draws_follow_the_weights():
@@ -107,3 +116,41 @@ def test_draws_follow_the_weights():
     share = np.zeros(5000)
     share[kept] = weights[kept] / weights[kept].sum()
     assert np.abs(counts / len(grid[::10]) - share).max() < 2e-4 and counts[weights == 0].sum() == 0
+
+
+def test_chunk_sums_over_the_padded_workspace_equal_reduceat():
+    """The sampler sums its rows' chunks as rows of the zero-padded workspace buffer; that gives
+    the draws of numpy's reduceat over the unpadded row (a vocabulary not a multiple of the chunk
+    width, its last chunk short), and a row that is not the buffer's head falls back to reduceat."""
+    from llmexport.runtime.sampling import _Chunks, _workspace
+
+    rng = np.random.default_rng(3)
+    work = _workspace(151_936)
+    work.probs[:] = rng.random(151_936).astype(np.float32) ** 8
+    padded, plain = _Chunks(work.probs, work.padded_probs), _Chunks(work.probs.copy())
+    assert len(padded.cumulative) == len(plain.cumulative) == 149
+    assert np.allclose(padded.cumulative, plain.cumulative, rtol=1e-6)
+    assert all(padded.draw(u) == plain.draw(u) for u in rng.random(200))
+    work.probs[0] = 1000.0  # a row starting past the buffer's head must not be summed from the head
+    shifted = _Chunks(work.probs[1:], work.padded_probs)
+    assert np.isclose(shifted.total, work.probs[1:].sum(dtype=np.float64), rtol=1e-6)
+
+
+def test_top_p_draws_follow_the_nucleus_weights():
+    """The sampler draws top-p by rejection from the whole row, building the nucleus only after
+    TRIES rejections; either way each kept token comes with its renormalised weight. A small
+    top_p on a flat row forces the fallback most of the time, a large one almost never."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=40).astype(np.float32)
+    probs = np.exp(logits - logits.max())
+    order = np.argsort(-probs, kind="stable")
+    for top_p in (0.9, 0.3, 0.04):
+        before = np.cumsum(probs[order], dtype=np.float64) - probs[order]
+        kept = order[before < top_p * probs.sum(dtype=np.float64)]
+        want = np.zeros(40)
+        want[kept] = probs[kept] / probs[kept].sum()
+        sampler = Sampler(SamplingParams(temperature=1.0, top_p=top_p, seed=5))
+        n = 30_000
+        got = np.bincount([sampler(logits) for _ in range(n)], minlength=40) / n
+        assert got[want == 0].sum() == 0, top_p
+        assert np.abs(got - want).max() < 4 * np.sqrt(want.max() / n), (top_p, np.abs(got - want).max())

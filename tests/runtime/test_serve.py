@@ -168,9 +168,9 @@ def slow(server):
     backend = server.session.backend
     real = backend.step
 
-    def step(*args):
+    def step(*args, **kwargs):
         time.sleep(0.02)
-        return real(*args)
+        return real(*args, **kwargs)
 
     backend.step = step
     yield
@@ -236,7 +236,7 @@ def test_metrics_are_prometheus_text(server):
 def test_a_full_queue_answers_429_at_once(bundle):
     server = Server(bundle, max_queue=0)
     real = server.session.backend.step
-    server.session.backend.step = lambda *args: (time.sleep(0.02), real(*args))[1]
+    server.session.backend.step = lambda *args, **kwargs: (time.sleep(0.02), real(*args, **kwargs))[1]
     try:
         streams = [server.client.completions.create(model="tiny", prompt=[5], max_tokens=60, temperature=0,
                                                     stream=True, extra_body={"ignore_eos": True}) for _ in range(4)]

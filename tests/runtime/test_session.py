@@ -56,6 +56,11 @@ def test_decode_graph_and_shared_cpu_session_agree(bundle_factory):
                 logits.append(backend.step("decode", np.array([[n]]), np.array([[n]]), np.array([n + 1]), range(1)))
             outputs.append(np.stack(logits))
             assert not np.array_equal(logits[-1], logits[-2])  # each step's own logits, not a reused buffer
+            # copy=False (the engine's): the backend's one logits buffer, equal to the copied logits
+            lean = [backend.step("decode", np.array([[n]]), np.array([[n]]), np.array([n + 1]), range(1), copy=False)
+                    for n in (8, 9)]
+            assert np.shares_memory(lean[0], lean[1]) and np.array_equal(lean[1], backend.step(
+                "decode", np.array([[9]]), np.array([[9]]), np.array([10]), range(1)))
     assert np.abs(outputs[0] - outputs[1]).max() < 1e-5
 
 
