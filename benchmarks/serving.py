@@ -54,6 +54,7 @@ class ServeBenchConfig:
     seed: int = 0
     host_batch: int = 16
     prefill_chunk: int = 256
+    prefill_stall: float = 1.0
     command: str = ""
 
 
@@ -72,7 +73,7 @@ def _free_port() -> int:
 class ServerProcess:
     """`llmexport serve` in a child process, up and answering /health, stopped with SIGTERM."""
 
-    def __init__(self, bundle: str, threads: int, prefill_chunk: int = 256):
+    def __init__(self, bundle: str, threads: int, prefill_chunk: int = 256, prefill_stall: float = 1.0):
         import httpx
 
         self.port = _free_port()
@@ -80,7 +81,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from llmexport.cli import main; main()", "serve", "--bundle", bundle,
              "--port", str(self.port), "--threads", str(threads), "--max-queue", "100000",
-             "--prefill-chunk", str(prefill_chunk)],
+             "--prefill-chunk", str(prefill_chunk), "--prefill-stall", str(prefill_stall)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
         while True:
@@ -199,7 +200,7 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
         raise LLMExportError(f"prompts up to {config.prompt_tokens[1]} tokens plus {config.max_tokens} new ones "
                              f"exceed the bundle's max_seq_len={bundle.max_seq_len}; lower them or re-export")
     progress(f"starting llmexport serve on {config.bundle} ({config.threads} threads)")
-    server = ServerProcess(config.bundle, config.threads, config.prefill_chunk)
+    server = ServerProcess(config.bundle, config.threads, config.prefill_chunk, config.prefill_stall)
     runs = []
     try:
         run_clients(server, prompts[:2], config.max_tokens, 2)  # warm-up: sessions, bindings, first shapes
@@ -223,7 +224,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"`{result['command']}`", "",
         f"{result['model']} {result['dtype']} (max_batch {result['max_batch']}), server threads {cfg['threads']}, "
-        f"prefill chunk {cfg['prefill_chunk']}, "
+        f"prefill chunk {cfg['prefill_chunk']}, prefill stall {cfg.get('prefill_stall', '-')}, "
         f"{result['hardware']['cpus']} cpus; {cfg['requests']} requests, prompts of {cfg['prompt_tokens'][0]}-"
         f"{cfg['prompt_tokens'][1]} tokens, {cfg['max_tokens']} new tokens each, greedy, streaming", "",
         "| clients | tokens/s | vs one after another | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms "

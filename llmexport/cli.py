@@ -426,6 +426,7 @@ def bench_serve(
     max_tokens: int = typer.Option(64, min=1, help="New tokens per request (greedy, EOS ignored)."),
     threads: int = typer.Option(2, min=1, help="The server's CPU threads."),
     prefill_chunk: int = typer.Option(256, min=1, help="The server's --prefill-chunk."),
+    prefill_stall: float = typer.Option(1.0, min=0.01, help="The server's --prefill-stall."),
     host_batch: int = typer.Option(16, min=1, help="Batch for the host-work-per-decode-step table."),
     seed: int = typer.Option(0, min=0),
     out: Path = typer.Option(Path("benchmarks/results"), help="Directory for NAME.json, NAME.md, NAME.png."),
@@ -443,6 +444,7 @@ def bench_serve(
     config = ServeBenchConfig(bundle=str(bundle), clients=_ints(clients), requests=requests,
                               prompt_tokens=(low_high[0], low_high[1]), max_tokens=max_tokens, threads=threads,
                               seed=seed, host_batch=host_batch, prefill_chunk=prefill_chunk,
+                              prefill_stall=prefill_stall,
                               command="llmexport " + " ".join(sys.argv[1:]))
     with Status("benchmarking", console=Console(stderr=True)) as status:
         result = run_serve_benchmark(config, progress=lambda message: status.update(message))
@@ -476,7 +478,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, min=0, max=65535),
     max_queue: int = typer.Option(64, min=0, help="Waiting requests beyond which new ones get 429 at once."),
-    prefill_chunk: int = typer.Option(256, min=1, help="Prompt tokens prefilled per iteration while others decode."),
+    prefill_chunk: int = typer.Option(256, min=1, help="At most this many prompt tokens prefilled per iteration "
+                                                       "while others decode."),
+    prefill_stall: float = typer.Option(1.0, min=0.01, help="And about as many as take this many decode steps' "
+                                                            "time (inter-token latency vs time to first token)."),
     model_name: Optional[str] = typer.Option(None, help="The model id clients pass (default: the bundle's model)."),
     shutdown_timeout: float = typer.Option(30.0, min=0, help="On SIGTERM, seconds in-flight requests get to finish."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
@@ -489,7 +494,8 @@ def serve(
 
     print(f"serving {bundle} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
     run(str(bundle), host, port, backend=backend, device=device, threads=threads, max_queue=max_queue,
-        prefill_chunk=prefill_chunk, model_name=model_name, shutdown_timeout=shutdown_timeout)
+        prefill_chunk=prefill_chunk, prefill_stall=prefill_stall, model_name=model_name,
+        shutdown_timeout=shutdown_timeout)
 
 
 @app.command()

@@ -7,8 +7,9 @@ own parameters and streams TokenEvents. Each iteration of the engine:
    free rows, lowest row first;
 2. prefills with a token budget: new prompts that fit whole go in one right-padded batch when
    their rows are adjacent (a fresh prompt needs no cache, which every target batches); while
-   other requests are decoding, a prompt longer than the budget (`prefill_chunk`) is prefilled
-   in chunks over several iterations (a chunk after the first runs alone: ONNX Runtime's
+   other requests are decoding, a prompt longer than the budget is prefilled in chunks over
+   several iterations (the budget is set by time, about one decode step's worth of prefill,
+   at most `prefill_chunk` tokens: prefill_budget.py) (a chunk after the first runs alone: ONNX Runtime's
    GroupQueryAttention takes S > 1 over a non-empty cache at batch 1 only);
 3. runs one decode step for every decoding request together, over the rows 0..W-1, where W is
    the smallest bucket (1, 2, 4, 8, ..., the row count) holding the highest busy row, so a
@@ -41,6 +42,7 @@ from llmexport.runtime.bundle import names as io
 
 from .backend import Backend
 from .kv_slots import KVSlots
+from .prefill_budget import PrefillBudget
 from .sampling import Sampler, SamplingParams
 from .tokenizer import TextStream, Tokenizer
 
@@ -143,10 +145,12 @@ class Engine:
     """Owns `backend` and every KV row it allocated; the only generation loop in llmexport."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None, *, eos_token_ids: Sequence[int] = (),
-                 max_queue: int | None = None, prefill_chunk: int = 256):
+                 max_queue: int | None = None, prefill_chunk: int = 256, prefill_stall: float = 1.0):
         """max_queue: requests that may wait for a row (beyond the free rows) before submit raises
         QueueFull (None: no limit; 0: only what the free rows take).
-        prefill_chunk: prompt tokens prefilled per iteration while other requests decode."""
+        prefill_chunk: at most this many prompt tokens are prefilled per iteration while other
+        requests decode; prefill_stall: and about as many as take this many decode steps' time
+        (runtime/prefill_budget.py)."""
         if prefill_chunk < 1:
             raise LLMExportError(f"prefill_chunk={prefill_chunk} must be at least 1")
         self.backend, self.tokenizer = backend, tokenizer
@@ -155,6 +159,7 @@ class Engine:
         self.vocab_size = self.bundle.vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.prefill_budget = PrefillBudget(prefill_chunk, prefill_stall)
         self.slots = KVSlots(backend.cache_rows)
         self.buckets = buckets(backend.cache_rows)
         self.waiting: deque[Request] = deque()
@@ -313,7 +318,7 @@ class Engine:
                 self.running[row] = request
             prefilling = [r for r in self.running.values() if r.pending is None and not r.done]
             decoding_now = any(r.decoding for r in self.running.values())
-        self._prefill(prefilling, self.prefill_chunk if decoding_now else None)
+        self._prefill(prefilling, self.prefill_budget.tokens() if decoding_now else None)
         decoding = [r for r in self.running.values() if r.decoding]
         if decoding:
             self._decode(decoding)
@@ -327,16 +332,24 @@ class Engine:
             self._finish(request, "cancelled")
 
     def _prefill(self, requests: list[Request], budget: int | None) -> None:
+        """Prefill `requests` in admission order: all of them whole (budget None: nothing is
+        decoding), or within `budget` tokens in one call (others are decoding: every call reads
+        all the weights, so a second call would cost them a second stall)."""
         groups: list[list[Request]] = []
         for request in requests:
             if budget is not None and budget <= 0:
                 break
             left = len(request.prompt) - request.filled
-            request.chunk = left if budget is None else min(left, budget)
-            if budget is not None:
-                budget -= request.chunk
+            chunk = left if budget is None else min(left, budget)
             last = groups[-1][-1] if groups else None
-            if last is not None and _whole(last) and _whole(request) and last.row + 1 == request.row:
+            joins = (last is not None and _whole(last) and request.filled == 0 and chunk == left
+                     and last.row + 1 == request.row)
+            if budget is not None and groups and not joins:
+                break
+            request.chunk = chunk
+            if budget is not None:
+                budget -= chunk
+            if joins:
                 groups[-1].append(request)
             else:
                 groups.append([request])
@@ -354,9 +367,11 @@ class Engine:
             positions[i] = np.arange(r.filled, r.filled + width)
             lengths[i] = r.filled + r.chunk
         rows = range(group[0].row, group[-1].row + 1)
+        started = time.perf_counter()
         logits = self._call(group, io.PREFILL, ids, positions, lengths, rows)
         if logits is None:
             return
+        self.prefill_budget.prefilled(ids.size, time.perf_counter() - started)
         self.stats["prefill_calls"] += 1
         for i, r in enumerate(group):
             r.filled += r.chunk
@@ -374,9 +389,11 @@ class Engine:
                 positions[row, 0] = request.filled
                 if request.decoding:
                     ids[row, 0] = request.pending
+        started = time.perf_counter()
         logits = self._call(decoding, io.DECODE, ids, positions, positions[:, 0] + 1, range(window))
         if logits is None:
             return
+        self.prefill_budget.decoded(time.perf_counter() - started)
         self.stats["decode_steps"] += 1
         for r in decoding:
             r.filled += 1

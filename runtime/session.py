@@ -73,15 +73,16 @@ class Session:
 
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                  cuda_graph: bool | None = None, threads: int | None = None, check_integrity: bool = False,
-                 reference=None, max_queue: int | None = None, prefill_chunk: int = 256):
+                 reference=None, max_queue: int | None = None, prefill_chunk: int = 256,
+                 prefill_stall: float = 1.0):
         """`check_integrity`: hash every bundle file against the manifest before loading (sizes,
         paths and the manifest's own digest are checked on every open). `reference`: see
-        create_backend. `max_queue`, `prefill_chunk`: see Engine."""
+        create_backend. `max_queue`, `prefill_chunk`, `prefill_stall`: see Engine."""
         self.bundle = Bundle.open(bundle_dir, check_integrity=check_integrity)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_path) if self.bundle.tokenizer_path else None
         self.backend = create_backend(self.bundle, backend, device, cuda_graph, threads, reference)
         self.engine = Engine(self.backend, self.tokenizer, eos_token_ids=self.bundle.eos_token_ids,
-                             max_queue=max_queue, prefill_chunk=prefill_chunk)
+                             max_queue=max_queue, prefill_chunk=prefill_chunk, prefill_stall=prefill_stall)
         self.slots = self.engine.slots
         self.last_timings: dict = {}
         self._chat_template: ChatTemplate | None = None
