@@ -158,7 +158,7 @@ class Engine:
         self.max_seq_len = self.bundle.max_seq_len
         self.vocab_size = self.bundle.vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.max_queue = max_queue
         self.prefill_budget = PrefillBudget(prefill_chunk, prefill_stall)
         self.slots = KVSlots(backend.cache_rows)
         self.buckets = buckets(backend.cache_rows)
