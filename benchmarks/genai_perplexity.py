@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmexport import LLMExportError
+from llmexport.runtime.evaluate import log_softmax_at, windows
 
 
 def perplexity(model_dir: str | Path, ids: list[int], window: int, threads: int | None = None) -> dict:
@@ -31,20 +31,15 @@ def perplexity(model_dir: str | Path, ids: list[int], window: int, threads: int 
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model_dir / config["filename"]), options, providers=["CPUExecutionProvider"])
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
-    chunks = [c for c in (ids[i: i + window] for i in range(0, len(ids), window)) if len(c) >= 2]
-    if not chunks:
-        raise LLMExportError(f"the text has {len(ids)} tokens; perplexity needs at least 2")
+    chunks = windows(ids, window)
     total, scored = 0.0, 0
     for chunk in chunks:
         feeds = {"input_ids": np.array([chunk], np.int64), "attention_mask": np.ones((1, len(chunk)), np.int64)}
         for p in past:  # an empty cache: (1, kv_heads, 0, head_size)
             feeds[p.name] = np.zeros((1, config["num_key_value_heads"], 0, config["head_size"]), np.float32)
         logits = session.run(["logits"], feeds)[0][0, :-1].astype(np.float64)  # (S-1, V): predicts 1..S-1
-        logits -= logits.max(axis=1, keepdims=True)
-        log_norm = np.log(np.exp(logits).sum(axis=1))
-        targets = np.array(chunk[1:])
-        total -= float((logits[np.arange(len(targets)), targets] - log_norm).sum())
-        scored += len(targets)
+        total -= float(log_softmax_at(logits, np.array(chunk[1:])).sum())
+        scored += len(chunk) - 1
     return {"perplexity": math.exp(total / scored), "tokens_scored": scored, "windows": len(chunks)}
 
 

@@ -8,9 +8,10 @@ own parameters and streams TokenEvents. Each iteration of the engine:
 2. prefills with a token budget: new prompts that fit whole go in one right-padded batch when
    their rows are adjacent (a fresh prompt needs no cache, which every target batches); while
    other requests are decoding, a prompt longer than the budget is prefilled in chunks over
-   several iterations (the budget is set by time, about one decode step's worth of prefill,
-   at most `prefill_chunk` tokens: prefill_budget.py) (a chunk after the first runs alone: ONNX Runtime's
-   GroupQueryAttention takes S > 1 over a non-empty cache at batch 1 only);
+   several iterations, one prefill call per iteration. The budget is set by time: about one
+   decode step's worth of prefill, at most `prefill_chunk` tokens (prefill_budget.py). A chunk
+   after the first runs alone: ONNX Runtime's GroupQueryAttention takes S > 1 over a
+   non-empty cache at batch 1 only;
 3. runs one decode step for every decoding request together, over the rows 0..W-1, where W is
    the smallest bucket (1, 2, 4, 8, ..., the row count) holding the highest busy row, so a
    graph-capturing backend sees a few shapes;

@@ -31,7 +31,15 @@ class Perplexity:
     seconds: float
 
 
-def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def windows(ids: list[int], window: int) -> list[list[int]]:
+    """The text's consecutive, non-overlapping windows of `window` ids that have a token to score."""
+    chunks = [c for c in (ids[i: i + window] for i in range(0, len(ids), window)) if len(c) >= 2]
+    if not chunks:
+        raise LLMExportError(f"the text has {len(ids)} tokens; perplexity needs at least 2")
+    return chunks
+
+
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     top = logits.max(axis=-1, keepdims=True)
     log_norm = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
     return logits[np.arange(len(targets)), targets] - log_norm
@@ -45,10 +53,7 @@ def perplexity(session, ids: list[int], window: int | None = None, batch: int | 
         raise LLMExportError(f"--window {window} must be at least 2 tokens")
     if any(not 0 <= t < bundle.vocab_size for t in ids):
         raise LLMExportError("the text has token ids outside the bundle's vocabulary; is it the bundle's tokenizer?")
-    chunks = [ids[i: i + window] for i in range(0, len(ids), window)]
-    chunks = [c for c in chunks if len(c) >= 2]
-    if not chunks:
-        raise LLMExportError(f"the text has {len(ids)} tokens; perplexity needs at least 2")
+    chunks = windows(ids, window)
     batch = max(1, min(batch or bundle.max_batch, bundle.max_batch, len(chunks)))
     started, total, scored = time.perf_counter(), 0.0, 0
     for start in range(0, len(chunks), batch):
@@ -74,7 +79,7 @@ def _score(backend, group: list[list[int]], rows: range) -> tuple[float, int]:
     total, count = 0.0, 0
     for t in range(1, longest):
         active = lengths > t
-        total -= float(_log_softmax_at(logits[active].astype(np.float64), tokens[active, t]).sum())
+        total -= float(log_softmax_at(logits[active].astype(np.float64), tokens[active, t]).sum())
         count += int(active.sum())
         if t == longest - 1:
             break

@@ -113,13 +113,14 @@ class Sampler:
 class _Workspace:
     """Row-sized scratch arrays, reused from step to step: a fresh 0.6-1.2 MB array each step
     costs more in page faults than the arithmetic on it (glibc maps blocks this large afresh).
-    x and probs are the heads of zero-padded buffers a whole number of chunks long, so _Chunks
-    sums them as rows of a matrix (3x faster than numpy's reduceat over the same chunks)."""
+    x is the head of a zero-padded buffer a whole number of chunks long, so _Chunks sums the
+    weights exp'd into it as rows of a matrix (3x faster than numpy's reduceat over the same
+    chunks)."""
 
     def __init__(self, size: int):
         padded = -(-size // _Chunks.WIDTH) * _Chunks.WIDTH
-        self.padded_x, self.padded_probs = np.zeros(padded, np.float32), np.zeros(padded, np.float32)
-        self.x, self.probs = self.padded_x[:size], self.padded_probs[:size]
+        self.padded_x = np.zeros(padded, np.float32)
+        self.x, self.probs = self.padded_x[:size], np.empty(size, np.float32)
         self.bins, self.mask = np.empty(size, np.intp), np.empty(size, bool)
         self.flags = np.empty(size, np.float32)
 

@@ -126,14 +126,14 @@ def test_chunk_sums_over_the_padded_workspace_equal_reduceat():
 
     rng = np.random.default_rng(3)
     work = _workspace(151_936)
-    work.probs[:] = rng.random(151_936).astype(np.float32) ** 8
-    padded, plain = _Chunks(work.probs, work.padded_probs), _Chunks(work.probs.copy())
+    work.x[:] = rng.random(151_936).astype(np.float32) ** 8
+    padded, plain = _Chunks(work.x, work.padded_x), _Chunks(work.x.copy())
     assert len(padded.cumulative) == len(plain.cumulative) == 149
     assert np.allclose(padded.cumulative, plain.cumulative, rtol=1e-6)
     assert all(padded.draw(u) == plain.draw(u) for u in rng.random(200))
-    work.probs[0] = 1000.0  # a row starting past the buffer's head must not be summed from the head
-    shifted = _Chunks(work.probs[1:], work.padded_probs)
-    assert np.isclose(shifted.total, work.probs[1:].sum(dtype=np.float64), rtol=1e-6)
+    work.x[0] = 1000.0  # a row starting past the buffer's head must not be summed from the head
+    shifted = _Chunks(work.x[1:], work.padded_x)
+    assert np.isclose(shifted.total, work.x[1:].sum(dtype=np.float64), rtol=1e-6)
 
 
 def test_top_p_draws_follow_the_nucleus_weights():
