@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -78,15 +79,18 @@ class ServerProcess:
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from llmexport.cli import main; main()", "serve", "--bundle", bundle,
              "--port", str(self.port), "--threads", str(threads), "--max-queue", "100000",
              "--prefill-chunk", str(prefill_chunk), "--prefill-stall", str(prefill_stall)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            # its log (a line per request) goes to a file: a pipe nobody reads would fill and block it
+            stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.time() + 300
         while True:
             if self.process.poll() is not None:
-                raise LLMExportError(f"llmexport serve exited: {self.process.stderr.read().strip()[-500:]}")
+                self.log.seek(0)
+                raise LLMExportError(f"llmexport serve exited: {self.log.read().strip()[-500:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     break
@@ -105,6 +109,7 @@ class ServerProcess:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        self.log.close()
 
 
 def _stream(client, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -40,6 +41,33 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
+class RequestLog:
+    """ASGI middleware: one line on stderr per HTTP request once its response is sent (a stream:
+    once it ends): method, path, status, seconds, and for a generation its tokens and finish reason."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            request, n_prompt = scope.get("llmexport.request", (None, 0))
+            tokens = (f", {n_prompt} prompt + {len(request.tokens)} completion tokens, {request.finish_reason}"
+                      if request is not None else "")
+            print(f"{scope['method']} {scope['path']} {status[0]} {time.perf_counter() - start:.2f} s{tokens}",
+                  file=sys.stderr, flush=True)
+
+
 def create_app(session: Session, model_name: str | None = None) -> FastAPI:
     engine = session.engine
     name = model_name or session.bundle.manifest["model"]["name"]
@@ -52,6 +80,7 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
         engine.shutdown(cancel=True, timeout=30)  # after uvicorn's graceful wait: cancel what is left
 
     app = FastAPI(title="llmexport", lifespan=lifespan)
+    app.add_middleware(RequestLog)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
@@ -121,6 +150,7 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
 
     async def respond(body, http: HTTPRequest, chat: bool):
         request, n_prompt = submit(body)
+        http.scope["llmexport.request"] = (request, n_prompt)  # for RequestLog's line
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
