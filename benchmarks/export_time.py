@@ -6,9 +6,10 @@ transformers 5 and its own onnxruntime, so it runs from a Python given by `--gen
 (a second virtual environment); without one its rows say why they were skipped.
 
     python -m llmexport.benchmarks.export_time --model CKPT --genai-python /venv/bin/python \\
-        [--workdir DIR] [--out benchmarks/results] [--name NAME] [--threads 2]
+        [--workdir DIR] [--out DIR] [--name NAME] [--threads 2]
 
-Writes NAME.json (rows, versions, the command line) and NAME.md.
+Writes NAME.json (rows, versions, the command line) and NAME.md into --out (default bench-results/;
+benchmarks/results holds the committed reports).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, type=Path, help="Hugging Face checkpoint directory")
     parser.add_argument("--genai-python", help="Python of a venv with onnxruntime-genai")
     parser.add_argument("--workdir", type=Path, default=Path("bench-work/export-time"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--name", default=None, help="report name (default export-time-<model dir name>)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-seq-len", type=int, default=4096)

@@ -16,6 +16,7 @@ near-tie may go either way without either side being wrong).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -122,8 +123,11 @@ def reference_source(bundle_dir, model) -> ModelSource:
 
 
 def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: int = 0,
-                  device: str = "cpu", threads: int | None = None, source: ModelSource | None = None) -> VerifyReport:
-    """`source` (see reference_source): the reference's weights; default the bundle's own."""
+                  device: str = "cpu", threads: int | None = None, source: ModelSource | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """`source` (see reference_source): the reference's weights; default the bundle's own.
+    `progress(done, total)` is called after each step run on both sides (a prefill of one batch of
+    prompts, or one decode step of it)."""
     bundle = Bundle.open(bundle_dir)
     tol = TOLERANCES[bundle.dtype]
     rng = np.random.default_rng(seed)
@@ -131,6 +135,9 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
     stats = {name: _Stats(name, name.startswith("logits"), tol)
              for name in ("logits (prefill)", "logits (decode)", "present.*.key/value")}
     rows_per_step = min(VERIFY_BATCH, bundle.max_batch, prompts)
+    steps_per_batch = 1 + decode_steps  # at most: a batch of long prompts may have fewer cache slots to decode in
+    total = -(-prompts // rows_per_step) * steps_per_batch
+    tick = progress or (lambda done, total: None)
     # Small on purpose: caches for `rows_per_step` rows only (the reference's only as long as the
     # longest sequence), and no prepacked second copy of the weights in ONNX Runtime.
     # Unprepacked, MatMulNBits computes in float32 whatever its accuracy level: verify checks the
@@ -150,12 +157,16 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
             got = onnx_side.step(io.PREFILL, ids, positions, lengths, rows)
             ref = reference.step(io.PREFILL, ids, positions, lengths, rows)
             stats["logits (prefill)"].add(got, ref)
-            for _ in range(min(decode_steps, bundle.max_seq_len - width)):
+            done = start // rows_per_step * steps_per_batch
+            tick(done + 1, total)
+            for step in range(min(decode_steps, bundle.max_seq_len - width)):
                 token = ref.argmax(-1)[:, None]
                 lengths = lengths + 1
                 got = onnx_side.step(io.DECODE, token, (lengths - 1)[:, None], lengths, rows)
                 ref = reference.step(io.DECODE, token, (lengths - 1)[:, None], lengths, rows)
                 stats["logits (decode)"].add(got, ref)
+                tick(done + 2 + step, total)
+            tick(done + steps_per_batch, total)
             valid = int(lengths.max())  # slots past every sequence's end are padding by design
             for got_c, ref_c in zip(onnx_side.cache_arrays(rows, valid), reference.cache_arrays(rows, valid),
                                     strict=True):

@@ -14,9 +14,27 @@ from rich.table import Table
 
 from llmexport import LLMExportError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+# Plain click help (rich_markup_mode=None): option names are never cut at 80 columns, and help text
+# is printed as written (rich markup would eat "[serve]"). Progress displays still use rich.
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Export Llama-family LLMs to ONNX bundles and run them.")
 console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+# Reports of `bench`, `bench-serve` and `bench-kernels` go here unless --out says otherwise:
+# benchmarks/results holds the committed reports, rewritten only when asked for by name.
+BENCH_OUT = Path("bench-results")
+BENCH_OUT_HELP = "Directory for the reports (benchmarks/results holds the committed ones)."
+
+
+def _progress(*, bar: bool = True):
+    """A rich progress display on stderr, off when stderr is not a terminal (logs and pipes stay
+    clean). bar=False: a spinner and the task's description, for work counted in stages."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = ((TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) if bar
+               else (SpinnerColumn(), TextColumn("{task.description}")))
+    return Progress(*columns, TimeElapsedColumn(), console=Console(stderr=True), disable=not sys.stderr.isatty())
 
 
 def _size(n: int) -> str:
@@ -25,7 +43,7 @@ def _size(n: int) -> str:
 
 @app.command()
 def models() -> None:
-    """List the model presets with parameter counts and weight sizes."""
+    """List the model presets with their sizes."""
     from llmexport.model.presets import PRESETS
 
     table = Table(box=None)
@@ -45,12 +63,14 @@ def reference(
     prompt: Optional[str] = typer.Option(None, help="Prompt text (needs the checkpoint's tokenizer.json)."),
     token_ids: Optional[str] = typer.Option(None, help="Comma-separated prompt token ids (default 1,2,3,4)."),
     max_new_tokens: int = typer.Option(16, min=1),
-    dtype: str = typer.Option("float32"),
-    temperature: float = typer.Option(0.0, min=0.0),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
     seed: int = typer.Option(0, min=0),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)."),
 ) -> None:
-    """Generate with the torch reference model (the oracle for every backend)."""
+    """Generate with the torch reference model, no export.
+
+    The reference is the oracle every backend is compared with."""
     import torch
 
     from llmexport.model.generate import reference_generate
@@ -83,12 +103,13 @@ def reference(
 def onnx(
     model: str = typer.Option("tiny-llama", help="Preset name or Hugging Face checkpoint directory."),
     out: Path = typer.Option(..., help="Bundle directory to create."),
-    target: str = typer.Option("ort", help="portable (standard ONNX ops) or ort (ONNX Runtime fused ops)."),
+    target: str = typer.Option("ort", help="ort (ONNX Runtime fused ops), portable (standard ONNX ops only) or "
+                                          "tensorrt (one plugin node per layer's attention)."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache capacity (default: min(model limit, 4096))."),
     max_batch: int = typer.Option(8, help="Largest batch the runtime will run."),
     seed: int = typer.Option(0, min=0, help="Seed of a preset's random weights."),
-    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     quant: str = typer.Option("none", help="Weight-only quantization of the linear layers: none, int8 or int4."),
     quant_block: int = typer.Option(32, help="Weights per scale along each row (power of two >= 16)."),
     quant_asymmetric: Optional[bool] = typer.Option(
@@ -98,9 +119,10 @@ def onnx(
     quant_skip: str = typer.Option("", help="Comma-separated: lm_head and/or embed kept in float."),
     accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 int8 (fast on CPU), 1 float32, 0 default."),
 ) -> None:
-    """Export prefill and decode ONNX graphs sharing one weight file, as a bundle."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Export a model to a bundle of ONNX graphs.
 
+    Prefill and decode graphs share one weight file; the bundle directory also holds the manifest
+    and the checkpoint's tokenizer and chat files."""
     from llmexport.exporter.export import export_bundle
     from llmexport.exporter.quantize import QuantConfig
 
@@ -108,8 +130,7 @@ def onnx(
         quant, quant_block, None if quant_asymmetric is None else not quant_asymmetric, accuracy_level,
         frozenset(filter(None, quant_skip.split(","))), quant_head)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=not sys.stderr.isatty()) as bar:
+    with _progress() as bar:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -127,26 +148,34 @@ def onnx(
 def verify(
     bundle: Path = typer.Option(..., help="Bundle directory."),
     prompts: int = typer.Option(8, min=1, help="Random prompts to compare."),
-    decode_steps: int = typer.Option(16, min=0),
+    decode_steps: int = typer.Option(16, min=0, help="Teacher-forced decode steps after each prompt."),
     seed: int = typer.Option(0, min=0),
     device: str = typer.Option("cpu", help="ONNX Runtime device: cpu or cuda."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for each side (default: all cores)."),
     model: Optional[str] = typer.Option(None, help="Preset or checkpoint the bundle was exported from: the "
                                                    "reference runs its weights instead of the bundle's."),
-    bisect: bool = typer.Option(False, help="Always compare layer by layer (done anyway when outputs disagree)."),
-    integrity: bool = typer.Option(False, help="Only check every file's sha256 against the manifest (no torch, "
-                                               "no graphs run); exits 1 naming each modified file and chunk."),
+    bisect: bool = typer.Option(False, "--bisect", help="Always compare layer by layer (done anyway when "
+                                                        "outputs disagree)."),
+    integrity: bool = typer.Option(False, "--integrity", help="Only check every file's sha256 against the manifest "
+                                                              "(no torch, no graphs run); exits 1 naming each "
+                                                              "modified file and chunk."),
     workers: Optional[int] = typer.Option(None, min=1, help="Hashing threads for --integrity (default: up to 8)."),
 ) -> None:
-    """Run the bundle's graphs in ONNX Runtime against the torch reference; non-zero exit past tolerance."""
+    """Check a bundle's graphs against the torch reference.
+
+    Runs them in ONNX Runtime beside the reference and judges every output against its dtype's
+    tolerance; exits 1 past tolerance or on any NaN/Inf."""
     if integrity:
         _check_integrity(bundle, workers)
         return
     from llmexport.exporter.verify import reference_source, verify_bundle
 
     source = reference_source(bundle, model) if model else None
-    report = verify_bundle(bundle, prompts=prompts, decode_steps=decode_steps, seed=seed, device=device,
-                           threads=threads, source=source)
+    with _progress() as bar:
+        task = bar.add_task("verifying (prefill and decode steps, both sides)", total=None)
+        report = verify_bundle(bundle, prompts=prompts, decode_steps=decode_steps, seed=seed, device=device,
+                               threads=threads, source=source,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
     table = Table(title=f"{report.bundle}: {report.target} {report.dtype}, {report.prompts} prompts, "
                         f"{report.decode_steps} decode steps", box=None)
     for column in ("output", "max abs", "max scaled", "p99 scaled", "tolerance", "top-1", "NaN/Inf", "ok"):
@@ -168,7 +197,9 @@ def _check_integrity(bundle: Path, workers: Optional[int]) -> None:
 
     start = time.perf_counter()
     opened = Bundle.open(bundle)
-    opened.check_integrity(workers)
+    with _progress(bar=False) as spinner:
+        spinner.add_task(f"hashing {len(opened.manifest['integrity']['files'])} files", total=None)
+        opened.check_integrity(workers)
     record = opened.manifest["integrity"]
     total = sum(f["bytes"] for f in record["files"].values())
     console.print(f"{bundle}: {len(record['files'])} files, {total / 2**30:.2f} GiB, every sha256 matches "
@@ -178,7 +209,9 @@ def _check_integrity(bundle: Path, workers: Optional[int]) -> None:
 def _print_bisect(bundle: Path, source, seed: int, threads: Optional[int]) -> None:
     from llmexport.exporter.bisect import bisect_bundle
 
-    report = bisect_bundle(bundle, source=source, seed=seed, threads=threads)
+    with _progress(bar=False) as spinner:
+        spinner.add_task("bisect: comparing layer by layer", total=None)
+        report = bisect_bundle(bundle, source=source, seed=seed, threads=threads)
     table = Table(title=f"bisect: one {report.tokens}-token prompt, prefill, layer by layer "
                         f"(worst probe of each; tolerance {report.tolerance:.3g})", box=None)
     for column in ("layer", "worst probe", "max |ref|", "max |onnx|", "max scaled", "NaN/Inf", "status"):
@@ -208,6 +241,23 @@ def _print_bisect(bundle: Path, source, seed: int, threads: Optional[int]) -> No
                       f"NaN/Inf; float16 tops out at 65504)")
 
 
+def _check_chat(session, bundle: Path) -> None:
+    """Chat needs a tokenizer and a chat template; say which is missing and what works instead."""
+    if session.tokenizer is None:
+        raise LLMExportError(f"{bundle} has no tokenizer (a preset's bundle has none), so it cannot chat; "
+                             f"export a checkpoint directory that has tokenizer.json and a chat template, e.g. one "
+                             f"made by examples/convert_gguf.py --smollm2, or give token ids: llmexport generate "
+                             f"--bundle {bundle} --token-ids 1,2,3")
+    try:
+        session.chat_template  # noqa: B018  (reads the template, or fails if the bundle has none)
+    except LLMExportError as e:
+        if "no chat template" not in str(e):  # a template that is there but broken keeps its own message
+            raise
+        raise LLMExportError(f"{bundle} has no chat template (its checkpoint had no chat_template.jinja or "
+                             f"tokenizer_config.json chat_template), so it cannot chat; give the prompt as plain "
+                             f"text: llmexport generate --bundle {bundle} --prompt TEXT") from None
+
+
 def _sampling(session, **given):
     """The bundle's generation defaults, overridden by the options the user gave (None: not given)."""
     return session.default_params(**{k: v for k, v in given.items() if v is not None})
@@ -223,19 +273,21 @@ def generate(
     system: Optional[str] = typer.Option(None, help="System message for --chat."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Default: generation_config.json's, else 64."),
     temperature: Optional[float] = typer.Option(None, help="0 is greedy. Default: generation_config.json's, else 0."),
-    top_k: Optional[int] = typer.Option(None),
-    top_p: Optional[float] = typer.Option(None),
-    repetition_penalty: Optional[float] = typer.Option(None),
+    top_k: Optional[int] = typer.Option(None, help="Sample from the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, help="Sample from the smallest set of tokens holding this mass."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="Above 1 makes tokens already seen less "
+                                                                  "likely."),
     seed: int = typer.Option(0, min=0),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
-    ignore_eos: bool = typer.Option(False),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
-    check_integrity: bool = typer.Option(False, help="Hash every bundle file against its manifest first."),
+    check_integrity: bool = typer.Option(False, "--check-integrity",
+                                         help="Hash every bundle file against its manifest first."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON result instead of streaming text."),
 ) -> None:
-    """Generate from a bundle, streaming text as it is produced."""
+    """Generate from a bundle, streaming text as it comes."""
     from llmexport.runtime.session import Session
 
     prompts: list = [*prompt, *(_parse_ids(t) for t in token_ids)]
@@ -251,6 +303,7 @@ def generate(
                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop) or None,
                            ignore_eos=ignore_eos or None)
         if chat is not None:
+            _check_chat(session, bundle)
             messages = ([{"role": "system", "content": system}] if system is not None else [])
             prompts = [session.render_chat(messages + [{"role": "user", "content": chat}])]
         if json_output:
@@ -279,9 +332,11 @@ def eval_command(
     model: Optional[str] = typer.Option(None, help="Score the checkpoint or preset the bundle was exported from "
                                                    "instead (torch reference, float32): the unquantized baseline."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, min=1),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
 ) -> None:
-    """Perplexity of a bundle over a text file (non-overlapping windows within max_seq_len)."""
+    """Perplexity of a bundle over a text file.
+
+    The text is cut into non-overlapping windows of at most max_seq_len tokens."""
     from llmexport.runtime.evaluate import perplexity
     from llmexport.runtime.session import Session
 
@@ -298,9 +353,14 @@ def eval_command(
         raise LLMExportError(f"cannot read --text {text}: {e}; pass a UTF-8 text file") from None
     with Session(bundle, backend=backend, device=device, threads=threads, reference=reference) as session:
         if session.tokenizer is None:
-            raise LLMExportError("eval needs the bundle's tokenizer; this bundle has none")
+            raise LLMExportError(f"{bundle} has no tokenizer (a preset's bundle has none), so eval cannot read text; "
+                                 f"export a checkpoint directory that has tokenizer.json, e.g. one made by "
+                                 f"examples/convert_gguf.py --smollm2, and eval that bundle")
         ids = session.tokenizer.encode(content)[:max_tokens]
-        result = perplexity(session, ids, window)
+        with _progress() as bar:
+            task = bar.add_task("scoring tokens", total=None)
+            result = perplexity(session, ids, window,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
     console.print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f}) over {result.tokens_scored} "
                   f"tokens in {result.windows} windows of {result.window}, {result.seconds:.1f} s, {backend}"
                   + (f" on --model {model}" if model else ""))
@@ -316,16 +376,20 @@ def chat_command(
     seed: int = typer.Option(0, min=0),
     backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, min=1),
-    check_integrity: bool = typer.Option(False, help="Hash every bundle file against its manifest first."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
+    check_integrity: bool = typer.Option(False, "--check-integrity",
+                                         help="Hash every bundle file against its manifest first."),
 ) -> None:
-    """Interactive multi-turn chat: type a message, Enter sends it; /reset forgets, /exit or Ctrl-D ends."""
+    """Interactive multi-turn chat with a bundle.
+
+    Type a message, Enter sends it; /reset forgets the conversation, /exit or Ctrl-D ends. Reads
+    plain lines from a pipe too."""
     from llmexport.runtime.session import Session
 
     interactive = sys.stdin.isatty()
     with Session(bundle, backend=backend, device=device, threads=threads,
                  check_integrity=check_integrity) as session:
-        session.chat_template  # noqa: B018  (fails now, with its reason, if the bundle has none)
+        _check_chat(session, bundle)
         params = _sampling(session, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         start = [{"role": "system", "content": system}] if system is not None else []
         messages = list(start)
@@ -363,10 +427,13 @@ def build(
     workspace_gib: int = typer.Option(8, min=1),
     plugin_library: Optional[Path] = typer.Option(None, help="Shared library with the LlmexportAttention plugin."),
 ) -> None:
-    """Build an engine from a bundle's graphs and record it in its manifest (TensorRT: untested)."""
+    """Build a TensorRT engine from a bundle (untested).
+
+    The engine is recorded in the bundle's manifest."""
     if backend != "tensorrt":
-        raise LLMExportError(f"build --backend {backend} is not available: onnxruntime needs no build step (it "
-                             f"optimises the graphs when a session loads them); use --backend tensorrt")
+        raise LLMExportError(f"build --backend {backend} is not available: only --backend tensorrt builds an "
+                             f"engine; onnxruntime needs no build step (it optimises the graphs when a session "
+                             f"loads them), so run the bundle as it is: llmexport generate --bundle {bundle} ...")
     from llmexport.exporter.tensorrt_build import build_tensorrt
 
     path = build_tensorrt(bundle, optimization_level=optimization_level, workspace_gib=workspace_gib,
@@ -378,17 +445,17 @@ def build(
 def bench(
     model: str = typer.Option("tiny-llama", help="Preset or checkpoint to export and measure."),
     bundle: Optional[Path] = typer.Option(None, help="Measure an existing bundle instead of exporting one."),
-    dtype: str = typer.Option("float32"),
-    target: str = typer.Option("ort"),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    target: str = typer.Option("ort", help="ort, portable or tensorrt."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     prompt_lens: str = typer.Option("128,512,2048", help="Prompt lengths for time to first token."),
     batches: str = typer.Option("1,8,32", help="Batch sizes for decode latency."),
     decode_context: int = typer.Option(128, help="Prompt length before the timed decode steps."),
     warmup: int = typer.Option(2, min=0),
     repeats: int = typer.Option(5, min=1),
-    out: Path = typer.Option(Path("benchmarks/results"), help="Directory for NAME.json, NAME.md, NAME.png."),
-    name: Optional[str] = typer.Option(None, help="Report file name (default: MODEL-DTYPE-DEVICE, or "
-                                                  "BUNDLE_DIR_NAME-DEVICE with --bundle)."),
+    out: Path = typer.Option(BENCH_OUT, help=BENCH_OUT_HELP),
+    name: Optional[str] = typer.Option(None, help="Report file name: NAME.json, .md and .png (default: "
+                                                  "MODEL-DTYPE-DEVICE, or BUNDLE_DIR_NAME-DEVICE with --bundle)."),
     workdir: Path = typer.Option(Path("bench-work"), help="Where the exported bundle goes."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for every system measured (default: each "
                                                             "library's own, usually every core)."),
@@ -398,9 +465,10 @@ def bench(
                                        "checkpoint directory) and measure beside: int4,fp32."),
     genai_python: Optional[str] = typer.Option(None, help="Python with onnxruntime-genai (default: this one)."),
 ) -> None:
-    """Time every backend against eager torch on the same work, with the bandwidth roofline."""
-    from rich.status import Status
+    """Benchmark every backend on the same work.
 
+    Time to first token, decode latency and tokens/s against eager torch, with the memory
+    bandwidth floor beside each figure."""
     from llmexport.benchmarks.report import default_name, markdown, write_reports
     from llmexport.benchmarks.suite import BenchConfig, run_benchmark
 
@@ -409,8 +477,9 @@ def bench(
                          bundle=str(bundle) if bundle else None, workdir=str(workdir), threads=threads,
                          quants=_variants(quant),
                          genai=_names(genai, ("int4", "fp32"), "--genai"), genai_python=genai_python)
-    with Status("benchmarking", console=Console(stderr=True)) as status:
-        result = run_benchmark(config, progress=lambda message: status.update(message))
+    with _progress(bar=False) as status:
+        task = status.add_task("benchmarking", total=None)
+        result = run_benchmark(config, progress=lambda message: status.update(task, description=message))
     paths = write_reports(result, out, name or default_name(model, bundle, dtype, device))
     console.print(markdown(result))
     console.print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -429,13 +498,14 @@ def bench_serve(
     prefill_stall: float = typer.Option(1.0, min=0.01, help="The server's --prefill-stall."),
     host_batch: int = typer.Option(16, min=1, help="Batch for the host-work-per-decode-step table."),
     seed: int = typer.Option(0, min=0),
-    out: Path = typer.Option(Path("benchmarks/results"), help="Directory for NAME.json, NAME.md, NAME.png."),
-    name: Optional[str] = typer.Option(None, help="Report file name (default: BUNDLE_DIR_NAME-serve)."),
+    out: Path = typer.Option(BENCH_OUT, help=BENCH_OUT_HELP),
+    name: Optional[str] = typer.Option(None, help="Report file name: NAME.json, .md and .png (default: "
+                                                  "BUNDLE_DIR_NAME-serve)."),
 ) -> None:
-    """Drive `llmexport serve` with N concurrent streaming clients on one fixed workload: tokens/s,
-    TTFT and inter-token latency p50/p99, against the same requests one after another."""
-    from rich.status import Status
+    """Benchmark `llmexport serve` with concurrent clients.
 
+    N streaming clients on one fixed workload: tokens/s, time to first token and inter-token
+    latency p50/p99, against the same requests one after another."""
     from llmexport.benchmarks.serving import ServeBenchConfig, markdown, run_serve_benchmark, write
 
     low_high = _ints(prompt_tokens)
@@ -446,8 +516,9 @@ def bench_serve(
                               seed=seed, host_batch=host_batch, prefill_chunk=prefill_chunk,
                               prefill_stall=prefill_stall,
                               command="llmexport " + " ".join(sys.argv[1:]))
-    with Status("benchmarking", console=Console(stderr=True)) as status:
-        result = run_serve_benchmark(config, progress=lambda message: status.update(message))
+    with _progress(bar=False) as status:
+        task = status.add_task("benchmarking", total=None)
+        result = run_serve_benchmark(config, progress=lambda message: status.update(task, description=message))
     paths = write(result, out, name or f"{bundle.resolve().name}-serve")
     console.print(markdown(result))
     console.print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -456,13 +527,16 @@ def bench_serve(
 @app.command("bench-kernels")
 def bench_kernels(
     device: str = typer.Option("cuda", help="cuda (meaningful timings) or cpu (needs TRITON_INTERPRET=1)."),
-    lengths: str = typer.Option("128,1024,4096"),
-    batches: str = typer.Option("1,16"),
-    dtypes: str = typer.Option("float16,bfloat16"),
+    lengths: str = typer.Option("128,1024,4096", help="Comma-separated cache lengths."),
+    batches: str = typer.Option("1,16", help="Comma-separated batch sizes."),
+    dtypes: str = typer.Option("float16,bfloat16", help="Comma-separated: float16, bfloat16, float32."),
     repeats: int = typer.Option(20, min=1),
-    out: Path = typer.Option(Path("benchmarks/results"), help="Directory for kernels-DEVICE.json and .md."),
+    out: Path = typer.Option(BENCH_OUT, help="Directory for kernels-DEVICE.json and .md (benchmarks/results holds "
+                                             "the committed ones)."),
 ) -> None:
-    """Correctness and timing of the Triton attention kernel vs the reference and SDPA."""
+    """Check and time the Triton attention kernel (GPU).
+
+    Against the reference math and torch's scaled_dot_product_attention."""
     from llmexport.benchmarks.kernels import kernel_report, markdown
 
     report = kernel_report(device, _ints(lengths), _ints(batches), dtypes=tuple(dtypes.split(",")), repeats=repeats)
@@ -488,8 +562,10 @@ def serve(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
 ) -> None:
-    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (stream: SSE),
-    /v1/models, /health, /metrics (Prometheus). Needs the serve extra: pip install 'llmexport[serve]'."""
+    """Serve a bundle over OpenAI-compatible HTTP.
+
+    /v1/completions, /v1/chat/completions (stream: SSE), /v1/models, /health, /metrics
+    (Prometheus). Needs FastAPI and uvicorn: pip install -e '.[serve]' in the checkout."""
     from llmexport.runtime.serve import serve as run
 
     print(f"serving {bundle} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
@@ -503,8 +579,10 @@ def doctor(
     device: str = typer.Option("cpu", help="cpu, or cuda: exit 1 unless everything a GPU run needs is ok."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of the table."),
 ) -> None:
-    """What this machine can run: Python, onnxruntime and its providers, GPU, CUDA/cuDNN, torch,
-    TensorRT, Triton, onnxruntime-genai; one line per check with ok / missing / fail and why."""
+    """Check what this machine can run.
+
+    Python, onnxruntime and its providers, GPU, CUDA/cuDNN, torch, TensorRT, Triton,
+    onnxruntime-genai: one line per check with ok / missing / fail and why."""
     from llmexport.runtime.doctor import failures, render, run_checks
 
     if device not in ("cpu", "cuda"):
@@ -548,12 +626,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-capi = typer.Typer(help="The C API: libllmexport.so and llmexport.h.", no_args_is_help=True)
+capi = typer.Typer(help="The C API: libllmexport.so and llmexport.h.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(capi, name="capi")
 
 
 @capi.command("build")
-def capi_build(out: Path = typer.Option(..., help="Directory for include/llmexport.h and lib/libllmexport.so.")) -> None:
+def capi_build(out: Path = typer.Option(..., help="Directory for include/llmexport.h and "
+                                                   "lib/libllmexport.so.")) -> None:
     """Compile the C API library for this Python environment."""
     from llmexport.runtime.capi import build_library
 

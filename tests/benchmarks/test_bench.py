@@ -22,12 +22,17 @@ def _positive_numbers(node, path="") -> list[str]:
 
 
 def test_bench_smoke_run_writes_a_complete_report(tmp_path):
+    """Without --out the reports go to bench-results/ in the current directory, never over the
+    committed benchmarks/results."""
     out = subprocess.run(
         [sys.executable, "-c", "from llmexport.cli import main; main()", "bench", "--model", "tiny-llama",
          "--prompt-lens", "8,16", "--batches", "1,2", "--decode-context", "8", "--warmup", "1", "--repeats", "2",
-         "--out", str(tmp_path / "results"), "--name", "smoke", "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=600)
+         "--name", "smoke", "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "bench-results").iterdir()) == ["smoke.json", "smoke.md", "smoke.png"]
+    assert not (tmp_path / "benchmarks").exists()
+    (tmp_path / "bench-results").rename(tmp_path / "results")
     result = json.loads((tmp_path / "results" / "smoke.json").read_text())
     assert result["schema"] == "llmexport-bench/2"
     assert {"command", "config", "hardware", "versions", "read_bandwidth_bytes_per_s", "weight_bytes", "bundle",
@@ -146,9 +151,10 @@ def test_bench_serve_smoke_run_writes_a_complete_report(bundle_factory, tmp_path
     out = subprocess.run(
         [sys.executable, "-c", "from llmexport.cli import main; main()", "bench-serve", "--bundle", str(bundle),
          "--clients", "1,3", "--requests", "5", "--prompt-tokens", "2,9", "--max-tokens", "6", "--host-batch", "3",
-         "--out", str(tmp_path), "--name", "serve"],
-        capture_output=True, text=True, timeout=600)
+         "--name", "serve"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    tmp_path = tmp_path / "bench-results"  # the default --out
     result = json.loads((tmp_path / "serve.json").read_text())
     assert [(r["clients"], r["requests"], r["tokens"]) for r in result["runs"]] == [(1, 5, 30), (3, 5, 30)]
     assert result["runs"][0]["speedup_vs_sequential"] == 1.0
