@@ -201,7 +201,8 @@ def bisect_bundle(bundle_dir, source=None, seed: int = 0, tokens: int = BISECT_T
 
     session = create_session(bundle, ort_weights(bundle), ir.to_proto(model).SerializeToString(), threads=threads)
     cache = np.zeros(bundle.cache_shape(1), dtype=NUMPY_DTYPES[bundle.dtype])
-    feeds = {io.INPUT_IDS: ids, io.POSITION_IDS: positions, io.SEQ_LENS: lengths}
+    feeds = {io.INPUT_IDS: ids, io.POSITION_IDS: positions, io.SEQ_LENS: lengths,
+             io.LOGITS_INDEX: io.logits_index(lengths, positions)[:, None]}
     feeds |= {name: cache for name in io.cache_inputs(bundle.num_layers)}
     if io.TOTAL_SEQ_LEN in {i.name for i in session.get_inputs()}:
         feeds[io.TOTAL_SEQ_LEN] = np.array(int(np.max(lengths)), dtype=np.int32)

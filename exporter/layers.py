@@ -122,7 +122,8 @@ def _repeat(traced: ir.Model, small: ModelConfig, kind_of: list[int]) -> ir.Mode
         if n in after:
             builder.clone(n, {}, "")
 
-    inputs = [builder.graph_input(name) for name in io.graph_inputs(num_layers)]
+    phase = io.PREFILL if any(v.name == io.LOGITS_INDEX for v in graph.inputs) else io.DECODE
+    inputs = [builder.graph_input(name) for name in io.graph_inputs(num_layers, phase)]
     outputs = [builder.map[graph.outputs[0]]]
     for i, j in enumerate(kind_of):
         for ours, theirs in zip((io.present_key(i), io.present_value(i)), (io.present_key(j), io.present_value(j))):

@@ -82,6 +82,9 @@ def _profile_shapes(bundle: Bundle, phase: str) -> dict[str, tuple[tuple[int, ..
     batch = (1, b, b) if phase == io.DECODE else (1, 1, b)
     shapes = {name: tuple((n, s) for n, s in zip(batch, seq)) for name in (io.INPUT_IDS, io.POSITION_IDS)}
     shapes[io.SEQ_LENS] = tuple((n,) for n in batch)
+    # logits at one position per row (the last token) unless scoring or checking proposals: every position
+    picked = (1, 1, 1) if phase == io.DECODE else (1, 1, t)
+    shapes[io.LOGITS_INDEX] = tuple((n, k) for n, k in zip(batch, picked))
     for name in io.cache_inputs(bundle.num_layers):
         shapes[name] = tuple(bundle.cache_shape(n) for n in batch)
     return shapes

@@ -1,8 +1,10 @@
 """Trace the reference model on `meta` into one ONNX graph per phase (no weights touched).
 
-Both phases take the same inputs (runtime/bundle/names.py: graph_inputs) and return the last
-real token's logits plus the updated caches. Prefill has dynamic batch and sequence; decode has sequence
-fixed to 1, so for a given batch every shape is static (CUDA-graph capturable).
+Inputs and outputs are runtime/bundle/names.py's graph_inputs/graph_outputs. Decode returns
+each row's one new token's logits; prefill returns the logits at the positions the caller picks
+(`logits_index`: the last real token, or every position for scoring). Both return the updated
+caches. Prefill has dynamic batch, sequence and picked positions; decode has sequence fixed to
+1, so for a given batch every shape is static (CUDA-graph capturable).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ OPSET = 21
 _PREFIX = "net."
 
 
-class _Phase(nn.Module):
+class _Decode(nn.Module):
     """Flat tensors in, flat tensors out: what the graph's signature is."""
 
     def __init__(self, net: LlamaModel):
@@ -35,9 +37,19 @@ class _Phase(nn.Module):
         self.net = net
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, seq_lens: Tensor, *caches: Tensor):
-        last = io.logits_index(seq_lens, position_ids)  # (B,) the last real token in this step
-        logits, k, v = self.net(input_ids, position_ids, seq_lens, list(caches[0::2]), list(caches[1::2]), last)
+        last = io.logits_index(seq_lens, position_ids)  # (B,) the one token of this step
+        return self.run(input_ids, position_ids, seq_lens, caches, last)
+
+    def run(self, input_ids, position_ids, seq_lens, caches, logits_index):
+        logits, k, v = self.net(input_ids, position_ids, seq_lens, list(caches[0::2]), list(caches[1::2]),
+                                logits_index)
         return (logits, *(t for pair in zip(k, v) for t in pair))
+
+
+class _Prefill(_Decode):
+    def forward(self, input_ids: Tensor, position_ids: Tensor, seq_lens: Tensor, logits_index: Tensor,
+                *caches: Tensor):
+        return self.run(input_ids, position_ids, seq_lens, caches, logits_index)  # logits (B, K, V)
 
 
 def trace(config: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, phase: str, target: str) -> ir.Model:
@@ -60,24 +72,39 @@ def _trace(config: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, ph
     batch, seq = 2, (1 if phase == io.DECODE else 2)
     meta = dict(device="meta", dtype=torch.long)
     args = (torch.zeros(batch, seq, **meta), torch.zeros(batch, seq, **meta), torch.zeros(batch, **meta))
+    if phase == io.PREFILL:
+        args += (torch.zeros(batch, 3, **meta),)  # logits_index (B, K); K != S so neither is specialised to the other
     cache_shape = (batch, config.num_kv_heads, max_seq_len, config.head_dim)
     caches = tuple(torch.zeros(cache_shape, device="meta", dtype=TORCH_DTYPES[dtype]) for _ in range(2 * config.num_layers))
     b = Dim(io.BATCH, min=1, max=max(max_batch, 2))
     token_dims = {0: b} if phase == io.DECODE else {0: b, 1: Dim(io.SEQUENCE, min=1, max=max_seq_len)}
     dynamic = {"input_ids": token_dims, "position_ids": token_dims, "seq_lens": {0: b},
                "caches": tuple({0: b} for _ in caches)}
+    if phase == io.PREFILL:
+        dynamic["logits_index"] = {0: b, 1: Dim(io.PICKED, min=1, max=max_seq_len)}
+    module = _Prefill(net) if phase == io.PREFILL else _Decode(net)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _Phase(net), args + caches, dynamo=True, optimize=False, verbose=False, opset_version=OPSET,
-            dynamic_shapes=dynamic, input_names=io.graph_inputs(config.num_layers),
+            module, args + caches, dynamo=True, optimize=False, verbose=False, opset_version=OPSET,
+            dynamic_shapes=dynamic, input_names=io.graph_inputs(config.num_layers, phase),
             output_names=io.graph_outputs(config.num_layers),
             custom_translation_table=translation_table(target, config),
         )
     model = program.model
     _rename_initializers(model, config)
+    if phase == io.PREFILL:
+        _name_dim(model, model.graph.inputs[3].shape[1], io.PICKED)
     _check_signature(model, config, phase)
     return model
+
+
+def _name_dim(model: ir.Model, dim, name: str) -> None:
+    """torch.onnx names this Dim after its own symbol (s89, ...): give it the manifest's name."""
+    values = [*model.graph.inputs, *(v for node in model.graph for v in node.outputs)]
+    for value in values:
+        if value.shape is not None and dim in value.shape:
+            value.shape = ir.Shape([name if d == dim else d for d in value.shape])
 
 
 def _rename_initializers(model: ir.Model, config: ModelConfig) -> None:
@@ -97,9 +124,13 @@ def _check_signature(model: ir.Model, config: ModelConfig, phase: str) -> None:
     """The traced graph must have exactly the I/O names and dynamic dims the manifest promises."""
     inputs = [v.name for v in model.graph.inputs]
     outputs = [v.name for v in model.graph.outputs]
-    if inputs != io.graph_inputs(config.num_layers) or outputs != io.graph_outputs(config.num_layers):
+    if inputs != io.graph_inputs(config.num_layers, phase) or outputs != io.graph_outputs(config.num_layers):
         raise LLMExportError(f"internal: traced {phase} graph has unexpected I/O {inputs} -> {outputs}")
     ids = model.graph.inputs[0].shape
     want_seq = 1 if phase == io.DECODE else io.SEQUENCE
     if str(ids[0]) != io.BATCH or str(ids[1]) != str(want_seq):
         raise LLMExportError(f"internal: {phase} input_ids traced as {ids}, expected [{io.BATCH}, {want_seq}]")
+    want_logits = [io.BATCH, config.vocab_size] if phase == io.DECODE else [io.BATCH, io.PICKED, config.vocab_size]
+    logits = [d if isinstance(d, int) else str(d) for d in model.graph.outputs[0].shape]
+    if logits != want_logits:
+        raise LLMExportError(f"internal: {phase} logits traced as {logits}, expected {want_logits}")

@@ -143,8 +143,9 @@ class LlamaModel(nn.Module):
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """input_ids, position_ids (B, S) int64; seq_lens (B,) int64 valid tokens after this step.
 
-        Returns float32 logits, (B, S, V), or (B, V) at `logits_index` (B,) when given, and the
-        updated caches.
+        Returns float32 logits and the updated caches. Logits are (B, S, V) for every position;
+        with `logits_index` (B,) of positions in this step, (B, V) at those; with (B, K), (B, K, V)
+        at those K positions of each row (the LM head runs on the picked positions only).
         """
         layers = self.config.num_layers
         if len(k_caches) != layers or len(v_caches) != layers:
@@ -159,8 +160,14 @@ class LlamaModel(nn.Module):
             new_k.append(k_cache)
             new_v.append(v_cache)
         x = self.model.norm(x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        if logits_index is not None and logits_index.dim() == 2:
+            # (B*K, E) into the head: a 2-D product, traced as Gemm on the stored (V, E) table
+            # like the (B, E) case (a 3-D one would transpose a tied table the gather also reads)
+            picked = x[rows[:, None], logits_index].flatten(0, 1)  # (B*K, E)
+            return self.lm_head(picked).float().unflatten(0, logits_index.shape), new_k, new_v  # (B, K, V)
         if logits_index is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), logits_index]  # (B, E)
+            x = x[rows, logits_index]  # (B, E)
         return self.lm_head(x).float(), new_k, new_v
 
     def _check_positions(self, position_ids: Tensor, seq_lens: Tensor) -> None:

@@ -33,14 +33,28 @@ class Backend(ABC):
 
     @abstractmethod
     def step(self, phase: str, input_ids: np.ndarray, position_ids: np.ndarray, seq_lens: np.ndarray,
-             rows: range, copy: bool = True) -> np.ndarray:
+             rows: range, copy: bool = True, logits_at: np.ndarray | None = None) -> np.ndarray:
         """Run `phase` ("prefill" or "decode") on cache rows `rows`.
 
         input_ids, position_ids: int64 (B, S); seq_lens: int64 (B,) valid tokens per sequence after
-        this step; B == len(rows). Returns float32 logits (B, vocab) of each row's last real token.
-        copy=False: the array may be a buffer the backend's next step overwrites (the engine
-        samples before its next step, and saves a copy of B x vocab floats per step).
+        this step; B == len(rows). Returns float32 logits (B, vocab) of each row's last real token;
+        with `logits_at` (prefill only), int64 (B, K) positions of this step (0..S-1), the logits
+        at those positions, (B, K, vocab), in a fresh array (scoring, checking proposed tokens).
+        copy=False: the (B, vocab) array may be a buffer the backend's next step overwrites (the
+        engine samples before its next step, and saves a copy of B x vocab floats per step).
         """
+
+    def check_logits_at(self, phase: str, input_ids: np.ndarray, logits_at: np.ndarray | None) -> None:
+        if logits_at is None:
+            return
+        if phase != "prefill":
+            raise LLMExportError("logits at chosen positions come from the prefill graph; run the step as prefill")
+        s = input_ids.shape[1]
+        if logits_at.ndim != 2 or logits_at.shape[0] != input_ids.shape[0] or not logits_at.size:
+            raise LLMExportError(f"logits_at has shape {logits_at.shape}; expected (batch, K) with batch "
+                                 f"{input_ids.shape[0]} and K >= 1")
+        if int(logits_at.min()) < 0 or int(logits_at.max()) >= s:
+            raise LLMExportError(f"logits_at holds positions outside this step's 0..{s - 1}")
 
     def check_step(self, seq_lens: np.ndarray, rows: range) -> None:
         """The request must fit the caches: a clear error instead of a kernel's."""

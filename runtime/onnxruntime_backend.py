@@ -102,8 +102,10 @@ class OnnxRuntimeBackend(Backend):
         else:  # not run here, but hosts that drive the graphs load it: check it as well
             paths.check_graph(bundle.path, bundle.graph_path(DECODE))
             self._sessions[DECODE] = self._sessions[PREFILL]
-        self._takes_total = {phase: io.TOTAL_SEQ_LEN in {i.name for i in session.get_inputs()}
-                             for phase, session in self._sessions.items()}
+        inputs = {phase: {i.name for i in session.get_inputs()} for phase, session in self._sessions.items()}
+        self._takes_total = {phase: io.TOTAL_SEQ_LEN in names for phase, names in inputs.items()}
+        # the prefill graph takes the positions whose logits it returns; decode.onnx has its one token's
+        self._picks = {phase: io.LOGITS_INDEX in names for phase, names in inputs.items()}
         layers = bundle.num_layers
         sets = 1 if bundle.cache_in_place else 2
         shape = bundle.cache_shape(self.cache_rows)
@@ -176,8 +178,11 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_output(out_name, self.device, 0, self._element, shape,
                                 self._address(dst) + rows.start * row_bytes)
 
-    def _bind_tokens(self, binding, graph: bool, input_ids, position_ids, seq_lens, phase: str) -> None:
+    def _bind_tokens(self, binding, graph: bool, input_ids, position_ids, seq_lens, phase: str,
+                     logits_at) -> None:
         feeds = {io.INPUT_IDS: input_ids, io.POSITION_IDS: position_ids, io.SEQ_LENS: seq_lens}
+        if self._picks[phase]:  # by default each row's last real token
+            feeds[io.LOGITS_INDEX] = io.logits_index(seq_lens, position_ids)[:, None] if logits_at is None else logits_at
         if self._takes_total[phase]:  # read on the host; a captured step bakes it: there, the capacity
             total = self.bundle.max_seq_len if graph else int(np.max(seq_lens))
             binding.bind_cpu_input(io.TOTAL_SEQ_LEN, np.array(total, dtype=np.int32))
@@ -187,7 +192,7 @@ class OnnxRuntimeBackend(Backend):
             return
         # A captured graph replays fixed addresses: the inputs' device buffers are updated in place.
         fixed = self._fixed(input_ids.shape[0])
-        for name, array in feeds.items():
+        for name, array in feeds.items():  # (logits_index: always 0, the one token)
             fixed[name].update_inplace(np.ascontiguousarray(array, dtype=np.int64))
             binding.bind_ortvalue_input(name, fixed[name])
 
@@ -196,10 +201,13 @@ class OnnxRuntimeBackend(Backend):
         if batch not in self._graph_inputs:
             ort = _ort()
             value = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)  # noqa: E731
+            picks = self._picks[DECODE]  # the prefill graph's session runs decode on the device path
             self._graph_inputs[batch] = {io.INPUT_IDS: value((batch, 1), np.int64),
                                          io.POSITION_IDS: value((batch, 1), np.int64),
                                          io.SEQ_LENS: value((batch,), np.int64),
-                                         io.LOGITS: value((batch, self.bundle.vocab_size), np.float32)}
+                                         **({io.LOGITS_INDEX: value((batch, 1), np.int64)} if picks else {}),
+                                         io.LOGITS: value((batch, *(1,) * picks, self.bundle.vocab_size),
+                                                          np.float32)}
         return self._graph_inputs[batch]
 
     def graph_id(self, rows: range, current: int) -> int:
@@ -207,22 +215,28 @@ class OnnxRuntimeBackend(Backend):
         Runtime's own default id)."""
         return 1 + 2 * (len(rows) * self.cache_rows + rows.start) + current
 
-    def step(self, phase, input_ids, position_ids, seq_lens, rows, copy=True):
+    def step(self, phase, input_ids, position_ids, seq_lens, rows, copy=True, logits_at=None):
         self.check_step(seq_lens, rows)
+        self.check_logits_at(phase, input_ids, logits_at)
         ort = _ort()
         current = self._settle(rows) if len(self._caches) == 2 else 0
         graph = self._graph and phase == DECODE
-        key = (phase, rows.start, len(rows), current)
+        picked = logits_at is not None
+        key = (phase, rows.start, len(rows), current, picked)
         binding = self._bindings.get(key)
+        vocab = self.bundle.vocab_size
         if binding is None:  # made once per key: later steps rebind only the token inputs
             binding = self._bindings[key] = self._sessions[phase].io_binding()
             if graph:  # bound first: output 0
                 binding.bind_ortvalue_output(io.LOGITS, self._fixed(len(rows))[io.LOGITS])
-            else:  # the first len(rows) rows of one host buffer: no allocation per run
-                binding.bind_output(io.LOGITS, "cpu", 0, np.float32, self._logits[: len(rows)].shape,
-                                    self._logits.ctypes.data)
+            elif not picked:  # the first len(rows) rows of one host buffer: no allocation per run
+                shape = (len(rows), *(1,) * self._picks[phase], vocab)
+                binding.bind_output(io.LOGITS, "cpu", 0, np.float32, shape, self._logits.ctypes.data)
             self._bind_caches(binding, rows, current)
-        self._bind_tokens(binding, graph, input_ids, position_ids, seq_lens, phase)
+        if picked:  # a fresh (B, K, V) array per run: its size changes with K, and the caller keeps it
+            out = np.empty((len(rows), logits_at.shape[1], vocab), np.float32)
+            binding.bind_output(io.LOGITS, "cpu", 0, np.float32, out.shape, out.ctypes.data)
+        self._bind_tokens(binding, graph, input_ids, position_ids, seq_lens, phase, logits_at)
         options = ort.RunOptions()
         if self._graph:  # one captured graph per (window, cache set), each with its own fixed addresses;
             # -1: this run is not captured (prefill shares the session on the device path)
@@ -236,8 +250,10 @@ class OnnxRuntimeBackend(Backend):
             self.graph_s += time.perf_counter() - started
         if len(self._caches) == 2:
             self._row_set[rows.start: rows.stop] = 1 - current
+        if picked:
+            return out
         # logits only (the caches stay where they are); every binding writes the same buffer
-        logits = self._logits[: len(rows)] if not graph else binding.get_outputs()[0].numpy()
+        logits = self._logits[: len(rows)] if not graph else binding.get_outputs()[0].numpy().reshape(len(rows), vocab)
         return logits.copy() if copy else logits
 
     def close(self) -> None:

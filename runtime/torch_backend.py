@@ -57,7 +57,8 @@ class BundleSource:
             return
         weights = self.bundle.weights
         for name, record in quantization["tensors"].items():  # the exact weights the graphs compute with
-            offsets = weights[record["offsets"]] if record["offsets"] else None
+            shift = record["offsets"] or record["zero_points"]  # the scheme's (see bundle/quant.py)
+            offsets = weights[shift] if shift else None
             w = unpack(weights[record["codes"]], weights[record["scales"]], offsets, Scheme.from_dict(record),
                        tuple(record["shape"]))
             yield name, torch.from_numpy(w).to(TORCH_DTYPES[dtype])
@@ -116,15 +117,17 @@ class TorchBackend(Backend):
         self._graphs.clear()
         self._pool = None
 
-    def _forward(self, ids, pos, lens, rows):
+    def _forward(self, ids, pos, lens, rows, logits_at=None):
         k = [c[rows.start: rows.stop] for c in self.k]
         v = [c[rows.start: rows.stop] for c in self.v]
         with self._torch.no_grad():  # eager: the model writes the new rows into these views in place
-            logits, _, _ = self.model(ids, pos, lens, k, v, logits_index=io.logits_index(lens, pos))
+            at = io.logits_index(lens, pos) if logits_at is None else logits_at
+            logits, _, _ = self.model(ids, pos, lens, k, v, logits_index=at)
         return logits
 
-    def step(self, phase, input_ids, position_ids, seq_lens, rows, copy=True):  # always a fresh array
+    def step(self, phase, input_ids, position_ids, seq_lens, rows, copy=True, logits_at=None):  # a fresh array
         self.check_step(seq_lens, rows)
+        self.check_logits_at(phase, input_ids, logits_at)
         torch = self._torch
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
         inputs = (to(input_ids), to(position_ids), to(seq_lens))
@@ -132,7 +135,7 @@ class TorchBackend(Backend):
         try:
             if self._cuda_graph and phase == io.DECODE:
                 return self._replay(inputs, rows)
-            return self._forward(*inputs, rows).cpu().numpy()
+            return self._forward(*inputs, rows, None if logits_at is None else to(logits_at)).cpu().numpy()
         finally:
             self.graph_s += time.perf_counter() - started
 

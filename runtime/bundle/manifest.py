@@ -17,7 +17,7 @@ from .quant import LAYOUTS, stored_tensors
 from .weights import NUMPY_DTYPES
 
 FORMAT = "llmexport-bundle"
-FORMAT_VERSION = 3  # 3: `ort` graphs take total_seq_len
+FORMAT_VERSION = 4  # 3: `ort` graphs take total_seq_len; 4: prefill takes logits_index
 MANIFEST = "manifest.json"
 
 
@@ -79,7 +79,8 @@ def check_fields(m: dict, where: str) -> None:
             for name, record in quant["tensors"].items():
                 need(record.get("bits") in (4, 8) and _positive_int(record.get("block_size"))
                      and isinstance(record.get("symmetric"), bool) and record.get("layout") in LAYOUTS
-                     and bool(record.get("offsets")) != record["symmetric"],
+                     and isinstance(record.get("search"), bool) and isinstance(record.get("integer_zero_point"), bool)
+                     and bool(record.get("offsets") or record.get("zero_points")) != record["symmetric"],
                      f"quantized weight {name!r} has a malformed scheme")
                 need(all(s in weights["tensors"] for s in stored_tensors(record)) and len(record["shape"]) == 2
                      and all(_positive_int(d) for d in record["shape"]),

@@ -5,7 +5,14 @@ Plain strings and arithmetic only (no imports), so every side of the format can 
 INPUT_IDS = "input_ids"  # int64 (batch, sequence)
 POSITION_IDS = "position_ids"  # int64 (batch, sequence): the cache slot of each new token
 SEQ_LENS = "seq_lens"  # int64 (batch,): valid tokens per sequence after this step
-LOGITS = "logits"  # float32 (batch, vocab): last real token of each sequence
+# int64 (batch, picked), prefill graph only: the positions of this step (0..sequence-1) whose
+# logits the graph returns; the runtime feeds each row's last real token, or every position
+# (scoring, checking proposed tokens). The LM head runs on the picked positions only, so the
+# last-token path costs what it did when the graph computed the index itself.
+LOGITS_INDEX = "logits_index"
+# float32: decode (batch, vocab), the one new token of each sequence; prefill (batch, picked,
+# vocab), at logits_index.
+LOGITS = "logits"
 # int32 scalar, `ort` bundles only: GroupQueryAttention's total_sequence_length, which ONNX
 # Runtime reads on the host: max(seq_lens), or max_seq_len for a decode step captured as a CUDA
 # graph (its value is baked into the capture). A graph input rather than ReduceMax(seq_lens) so
@@ -14,6 +21,7 @@ TOTAL_SEQ_LEN = "total_seq_len"
 
 BATCH = "batch"
 SEQUENCE = "sequence"
+PICKED = "picked"  # the positions of a prefill step whose logits are returned
 
 PREFILL, DECODE = "prefill", "decode"
 WEIGHTS_FILE = "weights.bin"
@@ -45,8 +53,9 @@ def cache_outputs(num_layers: int) -> list[str]:
     return [n for i in range(num_layers) for n in (present_key(i), present_value(i))]
 
 
-def graph_inputs(num_layers: int) -> list[str]:
-    return [INPUT_IDS, POSITION_IDS, SEQ_LENS, *cache_inputs(num_layers)]
+def graph_inputs(num_layers: int, phase: str) -> list[str]:
+    picked = [LOGITS_INDEX] if phase == PREFILL else []
+    return [INPUT_IDS, POSITION_IDS, SEQ_LENS, *picked, *cache_inputs(num_layers)]
 
 
 def graph_outputs(num_layers: int) -> list[str]:
@@ -66,6 +75,7 @@ def checkpoint_name(stored: str) -> tuple[str, bool]:
 
 
 def logits_index(seq_lens, position_ids):
-    """Row of each sequence's last real token in this step: what `logits` is taken at. Works on
-    numpy arrays and torch tensors alike (the graphs trace it, the reference runs it)."""
+    """Position in this step of each sequence's last real token, (batch,): what a step's logits
+    are taken at by default. Works on numpy arrays and torch tensors alike (the decode graph
+    traces it, the runtime feeds it to prefill as (batch, 1), the reference runs it)."""
     return seq_lens - 1 - position_ids[:, 0]

@@ -138,19 +138,19 @@ def test_both_graphs_share_one_weight_file_with_no_tensor_twice(bundle_factory):
 def test_manifest_describes_the_graphs(bundle_factory):
     bundle_dir, _ = bundle_factory("llama3", "ort")
     m = json.loads((bundle_dir / "manifest.json").read_text())
-    assert (m["format"], m["format_version"], m["target"], m["dtype"]) == ("llmexport-bundle", 3, "ort", "float32")
+    assert (m["format"], m["format_version"], m["target"], m["dtype"]) == ("llmexport-bundle", 4, "ort", "float32")
     assert m["limits"] == {"max_batch": 4, "max_seq_len": 64}
     assert m["tokenizer"] == "tokenizer.json" and (bundle_dir / "tokenizer.json").is_file()
     assert m["eos_token_ids"] == [2]
-    for phase, seq in ((io.PREFILL, io.SEQUENCE), (io.DECODE, 1)):
+    for phase, seq, logits in ((io.PREFILL, io.SEQUENCE, [io.BATCH, io.PICKED, 256]), (io.DECODE, 1, [io.BATCH, 256])):
         graph = m["graphs"][phase]
         inputs = {i["name"]: i for i in graph["inputs"]}
-        assert [i["name"] for i in graph["inputs"]] == [*io.graph_inputs(2), io.TOTAL_SEQ_LEN]
+        assert [i["name"] for i in graph["inputs"]] == [*io.graph_inputs(2, phase), io.TOTAL_SEQ_LEN]
         assert inputs[io.TOTAL_SEQ_LEN] == {"name": io.TOTAL_SEQ_LEN, "dtype": "int32", "shape": []}
         assert inputs[io.INPUT_IDS] == {"name": io.INPUT_IDS, "dtype": "int64", "shape": [io.BATCH, seq]}
         assert inputs[io.past_key(1)]["shape"] == [io.BATCH, 2, 64, 16]
         outputs = {o["name"]: o for o in graph["outputs"]}
-        assert outputs[io.LOGITS] == {"name": io.LOGITS, "dtype": "float32", "shape": [io.BATCH, 256]}
+        assert outputs[io.LOGITS] == {"name": io.LOGITS, "dtype": "float32", "shape": logits}
         assert graph["aliases"][io.present_value(1)] == io.past_value(1)
     # The graph files themselves carry the same signature.
     proto = onnx.load(bundle_dir / "decode.onnx", load_external_data=False)
@@ -161,3 +161,5 @@ def test_manifest_describes_the_graphs(bundle_factory):
     assert not any(n.op_type == "ReduceMax" for n in proto.graph.node)
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [io.BATCH, 1]
+    assert m["graphs"][io.PREFILL]["inputs"][3] == {"name": io.LOGITS_INDEX, "dtype": "int64",
+                                                    "shape": [io.BATCH, io.PICKED]}

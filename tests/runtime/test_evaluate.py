@@ -83,3 +83,38 @@ def test_eval_model_scores_the_unquantized_source_through_a_quantized_bundle(bun
     assert result.returncode == 1 and "is not the model" in result.stderr
     result = run_cli(*args, "--model", str(checkpoint), "--backend", "onnxruntime")
     assert result.returncode == 1 and "runs on the torch backend" in result.stderr
+
+
+def _one_token_at_a_time(session, ids: list[int], window: int) -> float:
+    """The mean NLL as scoring was first written: each window fed one token per step (prefill of
+    its first token, then decode steps), the last-token logits of each step scoring the next."""
+    from llmexport.runtime.evaluate import log_softmax_at, windows
+
+    backend, total, count = session.backend, 0.0, 0
+    for chunk in windows(ids, window):
+        logits = backend.step("prefill", np.array([chunk[:1]]), np.zeros((1, 1), np.int64), np.array([1]), range(1))
+        for t in range(1, len(chunk)):
+            total -= float(log_softmax_at(logits, np.array([chunk[t]]))[0])
+            count += 1
+            if t < len(chunk) - 1:
+                logits = backend.step("decode", np.array([[chunk[t]]]), np.array([[t]]), np.array([t + 1]), range(1))
+    return total / count
+
+
+@pytest.mark.parametrize("logits_bytes, how", [(None, "windows side by side"), (4 * 256 * 7, "chunks of 7")])
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_prefill_scoring_equals_one_token_at_a_time(bundle_factory, monkeypatch, target, logits_bytes, how):
+    from llmexport.runtime import evaluate
+
+    if logits_bytes:  # a window needs several calls over its growing cache
+        monkeypatch.setattr(evaluate, "LOGITS_BYTES", logits_bytes)
+    seen = []
+    with Session(bundle_factory("qwen2", target)[0]) as session:
+        ids = session.tokenizer.encode(TEXT)
+        result = perplexity(session, ids, window=40, progress=lambda done, total: seen.append((done, total)))
+        want = _one_token_at_a_time(session, ids, 40)
+    assert result.mean_nll == pytest.approx(want, rel=1e-5)
+    assert seen[0] == (0, len(ids) - 4) and seen[-1] == (len(ids) - 4,) * 2
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    fed = [len(ids[i: i + 40]) - 1 for i in range(0, len(ids), 40)]  # each window's tokens but its last
+    assert len(seen) - 1 == (1 if how == "windows side by side" else sum(-(-n // 7) for n in fed))
