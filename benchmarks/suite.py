@@ -57,7 +57,7 @@ class BenchConfig:
 
 # A variant is a --quant method with optional +modifiers: int4, int8, int4+sym+head4 ...
 _MODIFIERS = {"sym": ["--quant-symmetric"], "asym": ["--quant-asymmetric"], "head4": ["--quant-head", "int4"],
-              "head8": ["--quant-head", "int8"]}
+              "head8": ["--quant-head", "int8"], "zp8": ["--quant-zero-point", "uint8"], "search": ["--quant-search"]}
 
 
 def quant_flags(variant: str) -> list[str]:

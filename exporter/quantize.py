@@ -36,6 +36,7 @@ from .weights_file import placeholder
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (= 1), 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
 SKIPPABLE = ("lm_head", "embed")
+ZERO_POINTS = ("float", "uint8")
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,14 @@ class QuantConfig:
     accuracy_level: int = 4
     skip: frozenset[str] = field(default_factory=frozenset)
     head: str = "int8"  # the vocabulary tables (embedding, LM head)
+    search: bool = False  # error-minimising scale/clip search per block (runtime/bundle/quant.py)
+    zero_point: str = "float"  # asymmetric blocks: a float offset, or a uint8 zero point ("uint8")
 
     def scheme(self, role: str = "linear", target: str = "ort") -> Scheme:
         """The scheme of the linear layers, or of the vocabulary tables (role "head")."""
         bits = BITS[self.head if role == "head" else self.method]
         return Scheme(bits, self.block_size, bits == 8 if self.symmetric is None else self.symmetric,
-                      layout(target))
+                      layout(target), self.search, self.zero_point == "uint8")
 
 
 def layout(target: str) -> str:
@@ -67,6 +70,8 @@ def check_quant(quant: QuantConfig, target: str, dtype: str) -> None:
             raise LLMExportError(f"unknown {flag} {method!r}; choose int8 or int4")
     if dtype not in ("float32", "float16"):
         raise LLMExportError(f"--quant needs --dtype float32 or float16 (the scales' type), not {dtype}")
+    if quant.zero_point not in ZERO_POINTS:
+        raise LLMExportError(f"--quant-zero-point {quant.zero_point!r}: choose one of {', '.join(ZERO_POINTS)}")
     if quant.accuracy_level not in ACCURACY_LEVELS:
         raise LLMExportError(f"--accuracy-level {quant.accuracy_level} must be one of {ACCURACY_LEVELS}")
     unknown = set(quant.skip) - set(SKIPPABLE)
@@ -77,8 +82,8 @@ def check_quant(quant: QuantConfig, target: str, dtype: str) -> None:
 def stored_names(checkpoint: str, scheme: Scheme) -> dict[str, str]:
     """weights.bin names of a quantized checkpoint weight, by role."""
     names = {"codes": f"{checkpoint}.q{scheme.bits}", "scales": f"{checkpoint}.scales"}
-    if not scheme.symmetric:
-        names["offsets"] = f"{checkpoint}.offsets"
+    if scheme.shift:
+        names[scheme.shift] = f"{checkpoint}.{scheme.shift}"
     return names
 
 
@@ -87,7 +92,8 @@ def quantize_graph(model: ir.Model, config: ModelConfig, quant: QuantConfig, dty
     """Replace each float MatMul of a linear weight by MatMulNBits (`ort`) or by MatMul of a
     blocked DequantizeLinear (other targets), and on `ort` the embedding's Gather by
     GatherBlockQuantized, over their packed tensors. Returns the manifest's per-weight record:
-    {checkpoint name: {bits, block_size, symmetric, layout, codes, scales, offsets, rows, shape}}.
+    {checkpoint name: {bits, block_size, symmetric, layout, search, integer_zero_point, codes, scales,
+    offsets, zero_points, rows, shape}}.
     Other targets keep the embedding float (no standard op gathers packed int4 rows), and so a
     tied table (read by both) too."""
     graph, dequantize = model.graph, layout(target) == DEQUANTIZE
@@ -127,10 +133,12 @@ def quantize_graph(model: ir.Model, config: ModelConfig, quant: QuantConfig, dty
             roles["codes"] = (k, n)
         code_type = (ir.DataType.INT4 if scheme.bits == 4 else ir.DataType.INT8) if dequantize else ir.DataType.UINT8
         packed = {role: placeholder(graph, names[role], shape, code_type if role == "codes" else ir.DataType.UINT8
-                                    if role == "rows" else dtype) for role, shape in roles.items()}
+                                    if role in ("rows", "zero_points") else dtype) for role, shape in roles.items()}
+        zero_points = [packed["zero_points"]] if "zero_points" in packed else []
         for node, _ in users:
             if node in gathers:
-                replacement = [ir.node("GatherBlockQuantized", [packed["rows"], node.inputs[1], packed["scales"]],
+                replacement = [ir.node("GatherBlockQuantized", [packed["rows"], node.inputs[1], packed["scales"],
+                                                                *zero_points],
                                        domain=MS_DOMAIN, attributes={"gather_axis": 0, "quantize_axis": 1,
                                                                      "block_size": scheme.block_size,
                                                                      "bits": scheme.bits})]
@@ -145,7 +153,7 @@ def quantize_graph(model: ir.Model, config: ModelConfig, quant: QuantConfig, dty
                     replacement += _offset_correction(node, replacement[-1].outputs[0], packed["offsets"],
                                                       scheme.block_size, k, block_sums)
             else:
-                replacement = [ir.node("MatMulNBits", [node.inputs[0], packed["codes"], packed["scales"]],
+                replacement = [ir.node("MatMulNBits", [node.inputs[0], packed["codes"], packed["scales"], *zero_points],
                                        domain=MS_DOMAIN, attributes={
                                            "K": k, "N": n, "bits": scheme.bits, "block_size": scheme.block_size,
                                            "accuracy_level": quant.accuracy_level})]
@@ -154,7 +162,8 @@ def quantize_graph(model: ir.Model, config: ModelConfig, quant: QuantConfig, dty
                                                       scheme.block_size, k, block_sums)
             _replace(graph, node, replacement)
         graph.initializers.pop(value.name)
-        record[checkpoint] = {**scheme.to_dict(), "offsets": None, "rows": None, **names, "shape": [n, k]}
+        record[checkpoint] = {**scheme.to_dict(), "offsets": None, "zero_points": None, "rows": None, **names,
+                              "shape": [n, k]}
     if not dequantize:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     return record

@@ -65,10 +65,11 @@ def write_weights(source: ModelSource, dtype: str, max_seq_len: int, wanted: Ite
         for name, tensor in _tensors(source, "float32" if quantized else dtype, max_seq_len):
             if name in quantized:
                 roles = quantized[name]
-                packed = pack(tensor.numpy(), Scheme.from_dict(roles), NUMPY_DTYPES[dtype])
-                for role, data in zip(("codes", "scales", "offsets"), packed):
+                scheme = Scheme.from_dict(roles)
+                packed = pack(tensor.numpy(), scheme, NUMPY_DTYPES[dtype])
+                for role, data in zip(("codes", "scales", scheme.shift), packed):
                     if data is not None:
-                        writer.add(roles[role], data, data.shape, "uint8" if role == "codes" else dtype)
+                        writer.add(roles[role], data, data.shape, "uint8" if str(data.dtype) == "uint8" else dtype)
                         on_tensor(roles[role])
                 if roles.get("rows"):  # the same bytes, as the [rows, packed columns] table a gather reads
                     codes = writer.entries[roles["codes"]].shape

@@ -118,6 +118,10 @@ def onnx(
     quant_head: str = typer.Option("int8", help="Bits of the embedding table and LM head: int8 or int4."),
     quant_skip: str = typer.Option("", help="Comma-separated: lm_head and/or embed kept in float."),
     accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 int8 (fast on CPU), 1 float32, 0 default."),
+    quant_search: bool = typer.Option(False, "--quant-search",
+                                      help="Search each block's scale for the least error (slower export)."),
+    quant_zero_point: str = typer.Option("float", help="Asymmetric blocks' offset: float, or uint8 (a zero point "
+                                                       "in MatMulNBits' packed kernel)."),
 ) -> None:
     """Export a model to a bundle of ONNX graphs.
 
@@ -128,7 +132,7 @@ def onnx(
 
     quant_config = None if quant == "none" else QuantConfig(
         quant, quant_block, None if quant_asymmetric is None else not quant_asymmetric, accuracy_level,
-        frozenset(filter(None, quant_skip.split(","))), quant_head)
+        frozenset(filter(None, quant_skip.split(","))), quant_head, quant_search, quant_zero_point)
 
     with _progress() as bar:
         tasks: dict[str, int] = {}

@@ -22,12 +22,14 @@ from llmexport.runtime.bundle.quant import Scheme, pack, unpack
 from llmexport.runtime.sampling import SamplingParams
 from llmexport.runtime.session import Session
 
-SCHEMES = [Scheme(bits, 32, symmetric) for bits in (4, 8) for symmetric in (True, False)]
+SCHEMES = [Scheme(bits, 32, symmetric) for bits in (4, 8) for symmetric in (True, False)] + [
+    Scheme(bits, 32, False, integer_zero_point=True) for bits in (4, 8)]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 def test_unpack_inverts_pack_within_half_a_step(scheme):
     w = np.random.default_rng(0).normal(size=(24, 128)).astype(np.float32)
+    w[:, 5::17] = 0  # exact zeros: an integer zero point keeps them exact
     codes, scales, offsets = pack(w, scheme, np.float32)
     assert (offsets is None) == scheme.symmetric
     back = unpack(codes, scales, offsets, scheme, w.shape)
@@ -41,12 +43,38 @@ def test_unpack_inverts_pack_within_half_a_step(scheme):
         assert np.all(error[inside] <= step[inside] / 2 + 1e-6) and np.all(error <= step + 1e-6)
         assert np.allclose(np.take_along_axis(back.reshape(blocks.shape), np.abs(blocks).argmax(-1)[..., None], -1),
                            top, rtol=0, atol=1e-6)
+    elif scheme.integer_zero_point:  # [min(min, 0), max(max, 0)] onto the codes, 0 on a code: within half a step
+        assert np.all(error <= step / 2 + 1e-6)
+        assert np.all(back[w == 0] == 0) and offsets.dtype == np.uint8
     else:  # [min, max] onto the full code range: both ends exact
         assert np.all(error <= step / 2 + 1e-6)
         got = back.reshape(blocks.shape)
         assert np.allclose(got.min(-1), blocks.min(-1), atol=1e-6) and np.allclose(got.max(-1), blocks.max(-1),
                                                                                     atol=1e-6)
     assert codes.shape == (24, 4, 32 * scheme.bits // 8) and codes.dtype == np.uint8
+
+
+def _block_errors(w: np.ndarray, scheme: Scheme, scale_dtype) -> np.ndarray:
+    back = unpack(*pack(w, scheme, scale_dtype), scheme, w.shape)
+    return np.square(back.astype(np.float64) - w).reshape(w.shape[0], -1, scheme.block_size).sum(-1)
+
+
+@pytest.mark.parametrize("scale_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_the_scale_search_never_increases_a_blocks_error(scheme, scale_dtype):
+    """On normal, heavy-tailed (Student t, 2 degrees of freedom) and outlier blocks, and on blocks
+    of equal values: every block's squared error with the search <= min/max's, and smaller overall."""
+    rng = np.random.default_rng(7)
+    heavy = rng.standard_t(2, size=(64, 256))
+    outliers = rng.normal(size=(64, 256)) * np.where(rng.random((64, 256)) < 0.01, 20, 1)
+    flat = np.repeat(rng.normal(size=(8, 1)), 256, axis=1)
+    for w in (rng.normal(size=(64, 256)) * 0.02, heavy, outliers, flat, np.zeros((4, 256))):
+        w = w.astype(np.float32)
+        plain = _block_errors(w, scheme, scale_dtype)
+        searched = _block_errors(w, dataclasses.replace(scheme, search=True), scale_dtype)
+        assert np.all(searched <= plain), (searched - plain).max()
+        if w.std() > 0 and len(w) == 64:
+            assert searched.sum() < plain.sum()
 
 
 def test_asymmetric_blocks_reproduce_a_grid_that_does_not_contain_zero():
@@ -69,9 +97,12 @@ def test_the_layout_is_what_matmulnbits_computes_with(scheme):
     rng = np.random.default_rng(1)
     n, k = 40, 256
     w, x = rng.normal(size=(n, k)).astype(np.float32), rng.normal(size=(3, k)).astype(np.float32)
-    codes, scales, _ = pack(w, scheme, np.float32)
+    codes, scales, shift = pack(w, scheme, np.float32)
     inputs, inits = ["x", "codes", "scales"], [numpy_helper.from_array(codes, "codes"),
                                                numpy_helper.from_array(scales, "scales")]
+    zero_points = shift if scheme.shift == "zero_points" else None  # its own input; float offsets are not
+    if zero_points is not None:
+        inputs, inits = inputs + ["zp"], inits + [numpy_helper.from_array(zero_points, "zp")]
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=scheme.bits,
                             block_size=scheme.block_size, accuracy_level=1)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
@@ -79,7 +110,7 @@ def test_the_layout_is_what_matmulnbits_computes_with(scheme):
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
                                                                    helper.make_opsetid("com.microsoft", 1)])
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    want = x @ unpack(codes, scales, None, scheme, (n, k)).T
+    want = x @ unpack(codes, scales, zero_points, scheme, (n, k)).T
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
 
 
@@ -90,9 +121,12 @@ def test_the_rows_view_is_what_gatherblockquantized_reads(scheme):
     """The same codes seen as [rows, K * bits / 8]: ONNX Runtime's gather returns exactly the
     unpacked rows (what the quantized embedding table relies on)."""
     w = np.random.default_rng(2).normal(size=(40, 128)).astype(np.float32)
-    codes, scales, _ = pack(w, scheme, np.float32)
+    codes, scales, shift = pack(w, scheme, np.float32)
     inputs = ["rows", "ids", "scales"]
     inits = [numpy_helper.from_array(codes.reshape(40, -1), "rows"), numpy_helper.from_array(scales, "scales")]
+    zero_points = shift if scheme.shift == "zero_points" else None  # the same tensor MatMulNBits reads
+    if zero_points is not None:
+        inputs, inits = inputs + ["zp"], inits + [numpy_helper.from_array(zero_points, "zp")]
     node = helper.make_node("GatherBlockQuantized", inputs, ["y"], domain="com.microsoft", gather_axis=0,
                             quantize_axis=1, block_size=scheme.block_size, bits=scheme.bits)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
@@ -101,17 +135,21 @@ def test_the_rows_view_is_what_gatherblockquantized_reads(scheme):
                                                                    helper.make_opsetid("com.microsoft", 1)])
     ids = np.array([[3, 7, 39]])
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
-    assert np.array_equal(got, unpack(codes, scales, None, scheme, w.shape)[ids])
+    assert np.array_equal(got, unpack(codes, scales, zero_points, scheme, w.shape)[ids])
 
 
 QUANTS = [QuantConfig("int8", accuracy_level=1),  # symmetric, int8 tables
           QuantConfig("int4", accuracy_level=1),  # asymmetric linears, int8 symmetric tables
           QuantConfig("int4", symmetric=True, accuracy_level=1, head="int4"),
-          QuantConfig("int4", 16, accuracy_level=1, head="int4")]  # asymmetric tables: gathered offsets
+          QuantConfig("int4", 16, accuracy_level=1, head="int4"),  # asymmetric tables: gathered offsets
+          QuantConfig("int4", accuracy_level=1, search=True),  # searched scales and offsets
+          QuantConfig("int4", symmetric=True, accuracy_level=1, search=True),
+          QuantConfig("int4", accuracy_level=1, zero_point="uint8", head="int4"),  # zero points, tables too
+          QuantConfig("int4", accuracy_level=1, zero_point="uint8", search=True)]
 
 
 def _id(q: QuantConfig) -> str:
-    return f"{q.method}-b{q.block_size}-{q.symmetric}-head{q.head}"
+    return f"{q.method}-b{q.block_size}-{q.symmetric}-head{q.head}-{q.zero_point}" + ("-search" if q.search else "")
 
 
 @pytest.mark.parametrize("quant", QUANTS, ids=_id)
@@ -123,7 +161,8 @@ def test_quantized_bundles_verify_and_match_the_dequantized_reference(bundle_fac
     for name, tensor in record["tensors"].items():  # each weight's scheme, as a C host reads it
         role = "head" if name in ("lm_head.weight", "model.embed_tokens.weight") else "linear"
         assert Scheme.from_dict(tensor) == quant.scheme(role)
-        assert bool(tensor["offsets"]) == (not quant.scheme(role).symmetric)
+        assert bool(tensor["offsets"] or tensor["zero_points"]) == (not quant.scheme(role).symmetric)
+        assert bool(tensor["zero_points"]) == (quant.zero_point == "uint8" and not quant.scheme(role).symmetric)
     per_layer = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     quantized = set(record["tensors"])
     assert {n.split(".")[-2] for n in quantized if n.startswith("model.layers.")} == per_layer
@@ -135,9 +174,17 @@ def test_quantized_bundles_verify_and_match_the_dequantized_reference(bundle_fac
     rows, codes = bundle.manifest["weights"]["tensors"][table["rows"]], bundle.manifest["weights"]["tensors"][
         table["codes"]]
     assert (rows["offset"], rows["length"]) == (codes["offset"], codes["length"])  # one stored table, two views
-    ops = [n.op_type for n in onnx.load(str(bundle_dir / "decode.onnx"), load_external_data=False).graph.node]
+    nodes = onnx.load(str(bundle_dir / "decode.onnx"), load_external_data=False).graph.node
+    ops = [n.op_type for n in nodes]
     assert ops.count("GatherBlockQuantized") == 1
     assert ops.count("MatMulNBits") == 2 * 7 + 1  # every linear of both layers, and the LM head
+    zero_points = {t[role]: t["zero_points"] for t in record["tensors"].values() for role in ("codes", "rows")}
+    for n in nodes:  # an integer zero point is the packed kernel's fourth input (the table's codes: the gather's first)
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            read = n.input[1] if n.op_type == "MatMulNBits" else n.input[0]
+            assert (n.input[3] if len(n.input) > 3 else None) == zero_points[read]
+    if quant.zero_point == "uint8" and record["tensors"]["model.embed_tokens.weight"]["symmetric"]:
+        assert "ReduceSum" not in ops  # no offset product anywhere
     assert verify_bundle(bundle_dir, prompts=4, decode_steps=4).ok
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
@@ -145,7 +192,8 @@ def test_quantized_bundles_verify_and_match_the_dequantized_reference(bundle_fac
         assert ort_side.generate(prompts, params).token_ids == reference.generate(prompts, params).token_ids
 
 
-@pytest.mark.parametrize("quant", [QuantConfig("int4", 16), QuantConfig("int8")], ids=_id)
+@pytest.mark.parametrize("quant", [QuantConfig("int4", 16), QuantConfig("int8"), QuantConfig("int4", zero_point="uint8")],
+                         ids=_id)  # an integer zero point is stored there as a float offset
 @pytest.mark.parametrize("target", ["portable", "tensorrt"])
 @pytest.mark.parametrize("family", ["llama2", "qwen2"])
 def test_standard_targets_feed_blocked_dequantizelinear_into_matmul(bundle_factory, family, target, quant):
@@ -253,8 +301,9 @@ def test_the_cli_exports_int4(tmp_path):
     from tests.conftest import run_cli
 
     result = run_cli("onnx", "--model", "tiny-llama", "--out", str(tmp_path / "b"), "--max-seq-len", "32",
-                     "--quant", "int4", "--quant-block", "16")
+                     "--quant", "int4", "--quant-block", "16", "--quant-search")
     assert result.returncode == 0, result.stderr
+    assert all(t["search"] for t in Bundle.open(tmp_path / "b").quantization["tensors"].values())
     proto = onnx.load(str(tmp_path / "b" / "decode.onnx"), load_external_data=False)
     assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == 2 * 7 + 1
     assert sum(n.op_type == "GatherBlockQuantized" for n in proto.graph.node) == 1
