@@ -5,7 +5,7 @@ returns every position's logits, so each window is one ONNX Runtime call (CPU, a
 as built). This puts the peer's quantization on the figure README's quality table uses.
 
     python -m llmexport.benchmarks.genai_perplexity GENAI_DIR --checkpoint CKPT --text FILE \
-        [--window 1024] [--threads 2]
+        [--window 1024] [--max-tokens N] [--threads 2]
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="the checkpoint both were built from (tokenizer.json)")
     parser.add_argument("--text", required=True)
     parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=None, help="score the text's first N tokens (as eval)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     ids = Tokenizer(str(Path(args.checkpoint) / "tokenizer.json")).encode(Path(args.text).read_text(encoding="utf-8"))
+    ids = ids[: args.max_tokens]
     result = perplexity(args.model_dir, ids, args.window, args.threads)
     print(f"{args.model_dir}: perplexity {result['perplexity']:.4f} ({result['tokens_scored']} tokens, "
           f"{result['windows']} windows of {args.window})")
