@@ -464,7 +464,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for every system measured (default: each "
                                                             "library's own, usually every core)."),
     quant: str = typer.Option("", help="Comma-separated quantized variants to export and measure too: int8, int4, "
-                                       "with optional +sym +asym +head4 +head8 (e.g. int4+sym+head4)."),
+                                       "with optional +sym +asym +zp8 +search +head4 +head8 (e.g. int4+zp8+head4)."),
     genai: str = typer.Option("", help="Comma-separated onnxruntime-genai precisions to build from --model (a "
                                        "checkpoint directory) and measure beside: int4,fp32."),
     genai_python: Optional[str] = typer.Option(None, help="Python with onnxruntime-genai (default: this one)."),
