@@ -47,9 +47,12 @@ Runtime's and onnxruntime-genai's quantizers' rule). Codes are chosen against th
 `search` (an error-minimising scale and clip search, llama.cpp's make_qx_quants /
 make_qkx2_quants idea): besides the min/max grid, each block tries SEARCH_STEPS grids whose
 step is slightly finer or coarser (clipping the extremes, or leaving room), fits the scale (and
-offset) to that grid's codes by least squares, re-codes against the stored values, and keeps
-whichever grid has the smallest squared error: never worse than min/max, per block. The layout
-is the same; only the chosen values differ. numpy only: the exporter
+offset) to that grid's codes by weighted least squares, re-codes against the stored values, and
+keeps whichever grid has the smallest weighted squared error: never worse than min/max, per
+block. Each weight counts rms(block) + |w| (llama.cpp's make_qkx2_quants weighting): an
+unweighted search trades the few large weights for the many small ones, which lowers the error
+and raises perplexity (measured: docs/quantization.md). The layout is the same; only the
+chosen values differ. numpy only: the exporter
 packs with it and every reader (the torch reference, C hosts following README) unpacks the
 same way.
 """
@@ -204,20 +207,27 @@ def _codes(blocks, scale, offset, levels: int, half: int) -> np.ndarray:
     return np.clip(values, 0, levels, out=values)
 
 
-def _error(blocks, codes, scale, offset, half: int) -> np.ndarray:
-    """Squared error per block of the weights `codes` stand for."""
+def importance(blocks: np.ndarray) -> np.ndarray:
+    """The search's weight of each value of float32 [.., block] blocks: rms(block) + |value|."""
+    return np.sqrt(np.square(blocks).mean(-1, keepdims=True)) + np.abs(blocks)
+
+
+def _error(blocks, codes, scale, offset, half: int, weight) -> np.ndarray:
+    """Weighted squared error per block of the weights `codes` stand for."""
     w = (codes - half) * scale.astype(np.float32)[..., None]
     if offset is not None:
         w += offset.astype(np.float32)[..., None]
-    return np.square(w - blocks).sum(-1)
+    return (weight * np.square(w - blocks)).sum(-1)
 
 
 def _search(blocks, scheme: Scheme, scale_dtype, codes, scale, offset) -> np.ndarray:
-    """Per block, the grid of least squared error among min/max's (given, updated in place with
-    `scale` and `offset`) and SEARCH_STEPS grids fitted by least squares; returns the codes."""
+    """Per block, the grid of least weighted squared error among min/max's (given, updated in
+    place with `scale` and `offset`) and SEARCH_STEPS grids fitted by weighted least squares;
+    returns the codes."""
     levels, half = 2**scheme.bits - 1, 2 ** (scheme.bits - 1)
-    best = _error(blocks, codes, scale, _as_offset(offset, scale, scheme), half)
-    n = blocks.shape[-1]
+    weight = importance(blocks)
+    best = _error(blocks, codes, scale, _as_offset(offset, scale, scheme), half, weight)
+    n = weight.sum(-1)
     lo, hi = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
     if scheme.integer_zero_point:
         lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
@@ -228,17 +238,18 @@ def _search(blocks, scheme: Scheme, scale_dtype, codes, scale, offset) -> np.nda
         with np.errstate(divide="ignore", invalid="ignore"):
             if scheme.symmetric:  # codes q - half in [-half, half - 1], the extreme near -half
                 q = np.clip(np.rint(blocks * (-half * stretch / extreme)), -half, half - 1)
-                s = (blocks * q).sum(-1) / np.square(q).sum(-1)  # least squares: w ~ s q
+                s = (weight * blocks * q).sum(-1) / (weight * np.square(q)).sum(-1)  # least squares: w ~ s q
                 s_new, o_new = s.astype(scale_dtype), None
             elif scheme.integer_zero_point:  # a finer or coarser step, its zero point, then w ~ s (q - zp)
                 zp = _zero_point(lo[..., 0], ((hi - lo)[..., 0] / (levels * stretch)).astype(scale_dtype), levels)
                 q = np.clip(np.rint(blocks * (levels * stretch / (hi - lo)) + zp[..., None]), 0, levels)
                 q -= zp[..., None]
-                s = (blocks * q).sum(-1) / np.square(q).sum(-1)
+                s = (weight * blocks * q).sum(-1) / (weight * np.square(q)).sum(-1)
                 s_new, o_new = s.astype(scale_dtype), zp
             else:  # codes in [0, levels] over [lo, hi], then w ~ s q + m by least squares
                 q = np.clip(np.rint((blocks - lo) * (levels * stretch / (hi - lo))), 0, levels)
-                sq, sx, sqq, sqx = q.sum(-1), blocks.sum(-1), np.square(q).sum(-1), (q * blocks).sum(-1)
+                wq, wx = weight * q, weight * blocks
+                sq, sx, sqq, sqx = wq.sum(-1), wx.sum(-1), (wq * q).sum(-1), (wq * blocks).sum(-1)
                 det = n * sqq - sq * sq
                 s = (n * sqx - sq * sx) / det
                 m = (sqq * sx - sq * sqx) / det
@@ -252,7 +263,7 @@ def _search(blocks, scheme: Scheme, scale_dtype, codes, scale, offset) -> np.nda
         s_new = np.where(valid, s_new, scale)
         o_new = None if o_new is None else np.where(valid, o_new, offset)
         c = _codes(blocks, s_new, _as_offset(o_new, s_new, scheme), levels, half)
-        error = _error(blocks, c, s_new, _as_offset(o_new, s_new, scheme), half)
+        error = _error(blocks, c, s_new, _as_offset(o_new, s_new, scheme), half, weight)
         better = valid & (error < best)
         best = np.where(better, error, best)
         codes[better] = c[better]
