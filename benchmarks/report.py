@@ -92,10 +92,16 @@ def default_name(model: str, bundle: str | Path | None, dtype: str, device: str)
     return f"{Path(model).name}-{dtype}-{device}"
 
 
-def write_reports(result: dict, out_dir: str | Path, name: str, markdown=markdown, plot=plot) -> dict[str, Path]:
-    """`name`.json, .md and .png in out_dir; `markdown` and `plot` render this kind of result."""
+def check_name(name: str) -> str:
+    """A report name is a plain file name (checked before a benchmark runs, and again on writing)."""
     if not name or Path(name).name != name or name in (".", ".."):
         raise LLMExportError(f"report name {name!r} must be a plain file name (no directories); pass --name")
+    return name
+
+
+def write_reports(result: dict, out_dir: str | Path, name: str, markdown=markdown, plot=plot) -> dict[str, Path]:
+    """`name`.json, .md and .png in out_dir; `markdown` and `plot` render this kind of result."""
+    check_name(name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "png": out / f"{name}.png"}

@@ -30,13 +30,31 @@ from .runners import BundleRunner, MissingRunner, TransformersEagerRunner, Unava
 Progress = Callable[[str], None]
 
 
+DEFAULT_PROMPT_LENS = (128, 512, 2048)
+
+
+def model_limit(model: str) -> int:
+    """The longest sequence a preset or checkpoint holds (its max_position_embeddings)."""
+    from llmexport.model.weights import open_source
+
+    return open_source(model).config.max_position_embeddings
+
+
+def default_prompt_lens(limit: int) -> tuple[int, ...]:
+    """DEFAULT_PROMPT_LENS that fit a model holding `limit` tokens (with one to decode), or, for a
+    model shorter than all of them, half its limit: the default work of `llmexport bench`
+    runs on every preset."""
+    fitting = tuple(n for n in DEFAULT_PROMPT_LENS if n < limit)
+    return fitting or (max(1, limit // 2),)
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     model: str = "tiny-llama"
     dtype: str = "float32"
     target: str = "ort"
     device: str = "cpu"
-    prompt_lens: tuple[int, ...] = (128, 512, 2048)
+    prompt_lens: tuple[int, ...] = DEFAULT_PROMPT_LENS
     batches: tuple[int, ...] = (1, 8, 32)
     decode_context: int = 128
     warmup: int = 2
@@ -72,15 +90,13 @@ def quant_flags(variant: str) -> list[str]:
 
 def _export(config: BenchConfig, progress: Progress, quant: str | None = None) -> tuple[Path, dict]:
     """Export in a child process so its wall time and peak RSS are its own."""
-    from llmexport.model.weights import open_source
-
     if config.bundle and quant:
         raise LLMExportError("--quant variants are exported by the benchmark: pass --model, not --bundle")
     if config.bundle:
         manifest = json.loads((Path(config.bundle) / "manifest.json").read_text())
         return Path(config.bundle), {"export_s": manifest["export"]["seconds"], "export_peak_rss_bytes": None,
                                      "note": "existing bundle: export time from its manifest"}
-    limit = open_source(config.model).config.max_position_embeddings
+    limit = model_limit(config.model)
     if config.max_seq_len > limit:
         raise LLMExportError(f"the benchmark needs max_seq_len {config.max_seq_len} but {config.model} allows {limit}; "
                              f"pass smaller --prompt-lens / --decode-context")

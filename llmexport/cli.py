@@ -452,7 +452,8 @@ def bench(
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
     target: str = typer.Option("ort", help="ort, portable or tensorrt."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    prompt_lens: str = typer.Option("128,512,2048", help="Prompt lengths for time to first token."),
+    prompt_lens: Optional[str] = typer.Option(None, help="Prompt lengths for time to first token (default: "
+                                                         "128,512,2048, those the model holds)."),
     batches: str = typer.Option("1,8,32", help="Batch sizes for decode latency."),
     decode_context: int = typer.Option(128, help="Prompt length before the timed decode steps."),
     warmup: int = typer.Option(2, min=0),
@@ -473,10 +474,18 @@ def bench(
 
     Time to first token, decode latency and tokens/s against eager torch, with the memory
     bandwidth floor beside each figure."""
-    from llmexport.benchmarks.report import default_name, markdown, write_reports
-    from llmexport.benchmarks.suite import BenchConfig, run_benchmark
+    from llmexport.benchmarks.report import check_name, default_name, markdown, write_reports
+    from llmexport.benchmarks.suite import BenchConfig, default_prompt_lens, model_limit, run_benchmark
 
-    config = BenchConfig(model=model, dtype=dtype, target=target, device=device, prompt_lens=_ints(prompt_lens),
+    name = check_name(name or default_name(model, bundle, dtype, device))  # before the work, not after it
+    if prompt_lens is None:  # the default work fits every model, the tiny presets' 256 positions too
+        from llmexport.runtime.bundle import Bundle
+
+        limit = Bundle.open(bundle).max_seq_len if bundle else model_limit(model)
+        lens = default_prompt_lens(limit)
+    else:
+        lens = _ints(prompt_lens)
+    config = BenchConfig(model=model, dtype=dtype, target=target, device=device, prompt_lens=lens,
                          batches=_ints(batches), decode_context=decode_context, warmup=warmup, repeats=repeats,
                          bundle=str(bundle) if bundle else None, workdir=str(workdir), threads=threads,
                          quants=_variants(quant),
@@ -484,7 +493,7 @@ def bench(
     with _progress(bar=False) as status:
         task = status.add_task("benchmarking", total=None)
         result = run_benchmark(config, progress=lambda message: status.update(task, description=message))
-    paths = write_reports(result, out, name or default_name(model, bundle, dtype, device))
+    paths = write_reports(result, out, name)
     console.print(markdown(result))
     console.print("written: " + ", ".join(str(p) for p in paths.values()))
 
@@ -510,8 +519,10 @@ def bench_serve(
 
     N streaming clients on one fixed workload: tokens/s, time to first token and inter-token
     latency p50/p99, against the same requests one after another."""
+    from llmexport.benchmarks.report import check_name
     from llmexport.benchmarks.serving import ServeBenchConfig, markdown, run_serve_benchmark, write
 
+    name = check_name(name or f"{bundle.resolve().name}-serve")  # before the work, not after it
     low_high = _ints(prompt_tokens)
     if len(low_high) != 2 or low_high[0] > low_high[1]:
         raise LLMExportError(f"--prompt-tokens {prompt_tokens!r} must be two lengths LOW,HIGH with LOW <= HIGH")
@@ -523,7 +534,7 @@ def bench_serve(
     with _progress(bar=False) as status:
         task = status.add_task("benchmarking", total=None)
         result = run_serve_benchmark(config, progress=lambda message: status.update(task, description=message))
-    paths = write(result, out, name or f"{bundle.resolve().name}-serve")
+    paths = write(result, out, name)
     console.print(markdown(result))
     console.print("written: " + ", ".join(str(p) for p in paths.values()))
 

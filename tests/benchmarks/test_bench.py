@@ -161,3 +161,22 @@ def test_bench_serve_smoke_run_writes_a_complete_report(bundle_factory, tmp_path
     assert not _positive_numbers(result["runs"])
     assert len(result["host_work"]) == 4 and all(h["batch"] == 3 and h["iterations"] > 0 for h in result["host_work"])
     assert (tmp_path / "serve.png").stat().st_size > 0 and "| clients |" in (tmp_path / "serve.md").read_text()
+
+
+def test_the_default_prompt_lengths_fit_the_model():
+    """`llmexport bench` with no options measures the tiny preset (256 positions) instead of
+    failing on its own default 2,048-token prompt."""
+    from llmexport.benchmarks.suite import default_prompt_lens
+
+    assert default_prompt_lens(4096) == (128, 512, 2048)
+    assert default_prompt_lens(256) == (128,)
+    assert default_prompt_lens(100) == (50,)
+
+
+def test_a_bad_report_name_fails_before_the_benchmark_runs(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli("bench", "--model", "tiny-llama", "--name", "a/b", "--out", str(tmp_path),
+                     "--workdir", str(tmp_path / "w"), timeout=60)
+    assert result.returncode == 1 and "must be a plain file name" in result.stderr
+    assert not (tmp_path / "w").exists()  # nothing was exported
