@@ -100,7 +100,8 @@ class Session:
                                                paths["special_tokens_map"])
             if template is None:
                 raise LLMExportError("this bundle has no chat template (its checkpoint had no chat_template.jinja or "
-                                     "tokenizer_config.json chat_template); use a plain prompt")
+                                     "tokenizer_config.json chat_template); call generate() with the prompt as "
+                                     "text or token ids, or export a checkpoint that has a chat template")
             self._chat_template = template
         return self._chat_template
 
