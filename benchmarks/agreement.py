@@ -62,8 +62,9 @@ def answers(bundle: str | Path, prompts: list[str], max_new_tokens: int, threads
         except LLMExportError:  # no chat template: the prompt as plain text
             ids = [session.tokenizer.encode(p) for p in prompts]
         started = time.perf_counter()
-        result = session.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-        return result.token_ids, time.perf_counter() - started
+        params, rows = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), session.bundle.max_batch
+        tokens = [t for i in range(0, len(ids), rows) for t in session.generate(ids[i: i + rows], params).token_ids]
+        return tokens, time.perf_counter() - started
 
 
 def agreement(reference: str | Path, bundles: list[str | Path], prompts: list[str], max_new_tokens: int = 64,

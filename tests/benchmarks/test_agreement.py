@@ -23,9 +23,9 @@ def test_compare_counts_first_tokens_identical_answers_and_common_prefixes():
 def test_a_bundle_agrees_with_itself_and_a_quantized_one_is_measured(bundle_factory, tmp_path):
     reference, _ = bundle_factory("llama3", "ort")
     quantized, _ = bundle_factory("llama3", "ort", quant=QuantConfig("int4", 16, head="int4", symmetric=True))
-    prompts = ["w5 w6 w7", "w10 w11", "w20 w30 w40 w50", "w99"]
+    prompts = ["w5 w6 w7", "w10 w11", "w20 w30 w40 w50", "w99", "w7 w8"]  # more than the bundles' 4 rows
     rows = agreement(reference, [reference, quantized], prompts, max_new_tokens=8, threads=1)
-    assert [r.prompts for r in rows] == [4, 4, 4]
+    assert [r.prompts for r in rows] == [5, 5, 5]
     assert (rows[1].first_token, rows[1].identical, rows[1].common_prefix) == (1.0, 1.0, rows[0].common_prefix)
     assert 0 <= rows[2].identical <= rows[2].first_token <= 1
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
