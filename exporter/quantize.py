@@ -47,14 +47,18 @@ class QuantConfig:
     accuracy_level: int = 4
     skip: frozenset[str] = field(default_factory=frozenset)
     head: str = "int8"  # the vocabulary tables (embedding, LM head)
-    search: bool = False  # error-minimising scale/clip search per block (runtime/bundle/quant.py)
+    # error-minimising scale/clip search per block (runtime/bundle/quant.py); None: on for asymmetric
+    # int4 blocks, off otherwise (measured on Qwen2.5-Coder-0.5B, docs/quantization.md: it helps the
+    # float-offset grid and hurts the symmetric one)
+    search: bool | None = None
     zero_point: str = "float"  # asymmetric blocks: a float offset, or a uint8 zero point ("uint8")
 
     def scheme(self, role: str = "linear", target: str = "ort") -> Scheme:
         """The scheme of the linear layers, or of the vocabulary tables (role "head")."""
         bits = BITS[self.head if role == "head" else self.method]
-        return Scheme(bits, self.block_size, bits == 8 if self.symmetric is None else self.symmetric,
-                      layout(target), self.search, self.zero_point == "uint8")
+        symmetric = bits == 8 if self.symmetric is None else self.symmetric
+        search = (bits == 4 and not symmetric) if self.search is None else self.search
+        return Scheme(bits, self.block_size, symmetric, layout(target), search, self.zero_point == "uint8")
 
 
 def layout(target: str) -> str:

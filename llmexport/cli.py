@@ -118,8 +118,9 @@ def onnx(
     quant_head: str = typer.Option("int8", help="Bits of the embedding table and LM head: int8 or int4."),
     quant_skip: str = typer.Option("", help="Comma-separated: lm_head and/or embed kept in float."),
     accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 int8 (fast on CPU), 1 float32, 0 default."),
-    quant_search: bool = typer.Option(False, "--quant-search",
-                                      help="Search each block's scale for the least error (slower export)."),
+    quant_search: Optional[bool] = typer.Option(
+        None, "--quant-search/--quant-no-search",
+        help="Search each block's grid for the least error (slower export). Default: on for asymmetric int4."),
     quant_zero_point: str = typer.Option("float", help="Asymmetric blocks' offset: float, or uint8 (a zero point "
                                                        "in MatMulNBits' packed kernel)."),
 ) -> None:

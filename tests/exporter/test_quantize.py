@@ -314,3 +314,12 @@ def test_the_cli_exports_int4(tmp_path):
     result = run_cli("onnx", "--model", "tiny-llama", "--out", str(tmp_path / "c"), "--quant", "int4",
                      "--quant-block", "100")
     assert result.returncode == 1 and "power of two" in result.stderr
+
+
+def test_the_search_is_on_by_default_for_asymmetric_int4_only():
+    """The defaults chosen on Qwen2.5-Coder-0.5B (docs/quantization.md): the weighted search helps
+    the float-offset int4 grid and hurts the symmetric one; int8 needs none."""
+    assert QuantConfig("int4").scheme().search and not QuantConfig("int4").scheme("head").search  # int8 tables
+    assert not QuantConfig("int4", symmetric=True).scheme().search and not QuantConfig("int8").scheme().search
+    assert QuantConfig("int4", head="int4").scheme("head").search
+    assert not QuantConfig("int4", search=False).scheme().search and QuantConfig("int8", search=True).scheme().search
