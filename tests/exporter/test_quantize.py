@@ -192,8 +192,21 @@ def test_quantized_bundles_verify_and_match_the_dequantized_reference(bundle_fac
     assert verify_bundle(bundle_dir, prompts=4, decode_steps=4).ok
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    with Session(bundle_dir) as ort_side, Session(bundle_dir, backend="torch") as reference:
-        assert ort_side.generate(prompts, params).token_ids == reference.generate(prompts, params).token_ids
+    with Session(bundle_dir, backend="torch") as reference:
+        assert _greedy_unprepacked(bundle_dir, prompts, params) == reference.generate(prompts, params).token_ids
+
+
+def _greedy_unprepacked(bundle_dir, prompts, params) -> list[list[int]]:
+    """Greedy tokens on ONNX Runtime without prepacking: prepacked, it fuses DequantizeLinear +
+    MatMul into MatMulNBits with int8 activations (accuracy level 4), a quality effect that flips
+    near-ties (it did on llama2 with searched int4 weights), not the plumbing checked here."""
+    from llmexport.runtime.engine import Engine
+    from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    with OnnxRuntimeBackend(Bundle.open(bundle_dir), prepack=False) as backend:
+        engine = Engine(backend)
+        requests = [engine.submit(p, params) for p in prompts]
+        return [[e.token_id for e in r if e.token_id is not None] for r in requests]
 
 
 @pytest.mark.parametrize("quant", [QuantConfig("int4", 16), QuantConfig("int8"), QuantConfig("int4", zero_point="uint8")],
@@ -237,8 +250,21 @@ def test_standard_targets_feed_blocked_dequantizelinear_into_matmul(bundle_facto
     assert verify_bundle(bundle_dir, prompts=4, decode_steps=4).ok
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    with Session(bundle_dir) as ort_side, Session(bundle_dir, backend="torch") as reference:
-        assert ort_side.generate(prompts, params).token_ids == reference.generate(prompts, params).token_ids
+    with Session(bundle_dir, backend="torch") as reference:
+        assert _greedy_unprepacked(bundle_dir, prompts, params) == reference.generate(prompts, params).token_ids
+
+
+def _greedy_unprepacked(bundle_dir, prompts, params) -> list[list[int]]:
+    """Greedy tokens on ONNX Runtime without prepacking: prepacked, it fuses DequantizeLinear +
+    MatMul into MatMulNBits with int8 activations (accuracy level 4), a quality effect that flips
+    near-ties (it did on llama2 with searched int4 weights), not the plumbing checked here."""
+    from llmexport.runtime.engine import Engine
+    from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    with OnnxRuntimeBackend(Bundle.open(bundle_dir), prepack=False) as backend:
+        engine = Engine(backend)
+        requests = [engine.submit(p, params) for p in prompts]
+        return [[e.token_id for e in r if e.token_id is not None] for r in requests]
 
 
 @pytest.mark.parametrize("target", ["ort", "portable"])
