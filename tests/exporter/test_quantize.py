@@ -196,19 +196,6 @@ def test_quantized_bundles_verify_and_match_the_dequantized_reference(bundle_fac
         assert _greedy_unprepacked(bundle_dir, prompts, params) == reference.generate(prompts, params).token_ids
 
 
-def _greedy_unprepacked(bundle_dir, prompts, params) -> list[list[int]]:
-    """Greedy tokens on ONNX Runtime without prepacking: prepacked, it fuses DequantizeLinear +
-    MatMul into MatMulNBits with int8 activations (accuracy level 4), a quality effect that flips
-    near-ties (it did on llama2 with searched int4 weights), not the plumbing checked here."""
-    from llmexport.runtime.engine import Engine
-    from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
-
-    with OnnxRuntimeBackend(Bundle.open(bundle_dir), prepack=False) as backend:
-        engine = Engine(backend)
-        requests = [engine.submit(p, params) for p in prompts]
-        return [[e.token_id for e in r if e.token_id is not None] for r in requests]
-
-
 @pytest.mark.parametrize("quant", [QuantConfig("int4", 16), QuantConfig("int8"), QuantConfig("int4", zero_point="uint8")],
                          ids=_id)  # an integer zero point is stored there as a float offset
 @pytest.mark.parametrize("target", ["portable", "tensorrt"])
