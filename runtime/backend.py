@@ -14,6 +14,7 @@ import numpy as np
 from llmexport import LLMExportError
 
 from .bundle import Bundle
+from .bundle import names as io
 
 
 class Backend(ABC):
@@ -47,7 +48,7 @@ class Backend(ABC):
     def check_logits_at(self, phase: str, input_ids: np.ndarray, logits_at: np.ndarray | None) -> None:
         if logits_at is None:
             return
-        if phase != "prefill":
+        if phase != io.PREFILL:
             raise LLMExportError("logits at chosen positions come from the prefill graph; run the step as prefill")
         s = input_ids.shape[1]
         if logits_at.ndim != 2 or logits_at.shape[0] != input_ids.shape[0] or not logits_at.size:

@@ -29,6 +29,7 @@ from .bundle import names as io
 LOGITS_BYTES = 256 << 20  # float32 logits one scoring call may return (441 positions of a 151,936 vocabulary)
 Progress = Callable[[int, int], None]  # (tokens scored so far, tokens to score)
 
+
 @dataclass
 class Perplexity:
     perplexity: float
