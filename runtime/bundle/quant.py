@@ -254,16 +254,18 @@ def _search(blocks, scheme: Scheme, scale_dtype, codes, scale, offset) -> np.nda
                 s = (n * sqx - sq * sx) / det
                 m = (sqq * sx - sq * sqx) / det
                 s_new, o_new = s.astype(scale_dtype), (m + half * s).astype(scale_dtype)
-        valid = np.isfinite(s_new.astype(np.float32)) & (s_new.astype(np.float32) > 0 if scheme.integer_zero_point
-                                                          else True)
+        valid = np.isfinite(s_new.astype(np.float32))
+        if scheme.integer_zero_point:  # a zero point's grid needs a positive step
+            valid &= s_new.astype(np.float32) > 0
         if o_new is not None:
             valid &= np.isfinite(o_new.astype(np.float32))
         if not valid.any():
             continue
         s_new = np.where(valid, s_new, scale)
         o_new = None if o_new is None else np.where(valid, o_new, offset)
-        c = _codes(blocks, s_new, _as_offset(o_new, s_new, scheme), levels, half)
-        error = _error(blocks, c, s_new, _as_offset(o_new, s_new, scheme), half, weight)
+        o_float = _as_offset(o_new, s_new, scheme)
+        c = _codes(blocks, s_new, o_float, levels, half)
+        error = _error(blocks, c, s_new, o_float, half, weight)
         better = valid & (error < best)
         best = np.where(better, error, best)
         codes[better] = c[better]
