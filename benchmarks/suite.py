@@ -120,7 +120,7 @@ def _runners(config: BenchConfig, bundle: Path, quantized: dict[str, Path]) -> l
     """Every backend, each on the bundle's own weights so all run exactly the same model; then
     ONNX Runtime on each quantized variant, and onnxruntime-genai built from the same checkpoint."""
     from llmexport.runtime.bundle import Bundle
-    from llmexport.runtime.torch_backend import BundleSource
+    from llmexport.runtime.backends.torch import BundleSource
 
     gpu, threads = config.device == "cuda", config.threads
     runners = [

@@ -29,11 +29,11 @@ import numpy as np
 import onnx_ir as ir
 from torch import nn
 
-from llmexport.runtime.bundle import names as io
 from llmexport.model.llama import DecoderLayer, RMSNorm
+from llmexport.runtime.backends.onnxruntime import create_session, ort_weights
+from llmexport.runtime.backends.torch import TorchBackend
 from llmexport.runtime.bundle import NUMPY_DTYPES, Bundle
-from llmexport.runtime.onnxruntime_backend import create_session, ort_weights
-from llmexport.runtime.torch_backend import TorchBackend
+from llmexport.runtime.bundle import names as io
 
 from .verify import TOLERANCES
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmexport import LLMExportError
+from llmexport.runtime.backends.tensorrt import import_tensorrt
 from llmexport.runtime.bundle import Bundle
 from llmexport.runtime.bundle import names as io
 from llmexport.runtime.bundle.manifest import update_manifest
-from llmexport.runtime.tensorrt_backend import import_tensorrt
 
 ENGINE_DIR = "engines"
 

@@ -21,12 +21,12 @@ from typing import Callable
 import numpy as np
 
 from llmexport import LLMExportError
-from llmexport.runtime.bundle import names as io
 from llmexport.model.config import ModelConfig
 from llmexport.model.weights import ModelSource, open_source
+from llmexport.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from llmexport.runtime.backends.torch import TorchBackend
 from llmexport.runtime.bundle import Bundle
-from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from llmexport.runtime.torch_backend import TorchBackend
+from llmexport.runtime.bundle import names as io
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,7 @@ def load_model(model: str | Path | ModelSource, dtype: str = "float32", max_seq_
     """Build the reference model on `meta`, then stream its weights in (converted to `dtype`).
 
     `model` is a preset name, a checkpoint directory, or any source with `config` and
-    `tensors(dtype)` (ModelSource, or runtime.torch_backend.BundleSource).
+    `tensors(dtype)` (ModelSource, or runtime.backends.torch.BundleSource).
     """
     source = open_source(model, seed) if isinstance(model, (str, Path)) else model
     torch_dtype = TORCH_DTYPES[check_dtype(dtype)]

@@ -40,17 +40,17 @@ def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "
     if reference is not None and backend != "torch":
         raise LLMExportError(f"a reference model runs on the torch backend, not {backend}")
     if backend == "onnxruntime":
-        from .onnxruntime_backend import OnnxRuntimeBackend
+        from .backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(bundle, device, cuda_graph=bool(cuda_graph),
                                   threads=threads)
     if backend == "torch":
-        from .torch_backend import TorchBackend
+        from .backends.torch import TorchBackend
 
         return TorchBackend(bundle, device, "float32" if reference is not None else None,
                             cuda_graph=bool(cuda_graph), threads=threads, source=reference)
     if backend == "tensorrt":
-        from .tensorrt_backend import TensorRTBackend
+        from .backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(bundle, device)
     raise LLMExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -65,7 +65,7 @@ def test_only_the_torch_backend_reaches_the_torch_model():
     """The runtime is torch-free; its torch backend (the reference, for comparison) is the one
     place that loads the torch model, lazily."""
     assert _violations("runtime", ("torch", "llmexport.model", "transformers"),
-                       allowed_files=("runtime/torch_backend.py", "runtime/triton_attention.py")) == []
+                       allowed_files=("runtime/backends/torch.py", "runtime/triton_attention.py")) == []
 
 
 def test_the_bundle_format_depends_on_nothing_but_itself():
@@ -101,8 +101,8 @@ def test_the_exporter_reads_and_writes_bundles_through_the_format_module():
 
 def test_the_import_reader_resolves_relative_imports():
     """The checks above would pass vacuously if relative imports were misread."""
-    names = imports_of(ROOT / "runtime/session.py")
-    assert "llmexport.runtime.bundle.Bundle" in names and "llmexport.runtime.backend" in names
+    names = imports_of(ROOT / "runtime/backends/onnxruntime.py")
+    assert "llmexport.runtime.bundle.Bundle" in names and "llmexport.runtime.backends.base.Backend" in names
 
 
 def _stdlib() -> set[str]:

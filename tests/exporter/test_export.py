@@ -9,13 +9,13 @@ import onnx
 import pytest
 import torch
 
-from llmexport.runtime.bundle import names as io
 from llmexport.exporter.contrib_schemas import register_contrib_schemas
 from llmexport.exporter.verify import verify_bundle
 from llmexport.model.kv_cache import KVCache
 from llmexport.model.weights import expected_shapes, load_model
+from llmexport.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from llmexport.runtime.bundle import Bundle
-from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from llmexport.runtime.bundle import names as io
 
 FAMILIES = ["llama2", "llama3", "qwen2"]
 TARGETS = ["portable", "ort", "tensorrt"]

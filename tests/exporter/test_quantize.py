@@ -246,7 +246,7 @@ def _greedy_unprepacked(bundle_dir, prompts, params) -> list[list[int]]:
     MatMul into MatMulNBits with int8 activations (accuracy level 4), a quality effect that flips
     near-ties (it did on llama2 with searched int4 weights), not the plumbing checked here."""
     from llmexport.runtime.engine import Engine
-    from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from llmexport.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     with OnnxRuntimeBackend(Bundle.open(bundle_dir), prepack=False) as backend:
         engine = Engine(backend)

@@ -10,9 +10,9 @@ import pytest
 
 from llmexport import LLMExportError
 from llmexport.exporter.tensorrt_build import _profile_shapes, build_tensorrt
+from llmexport.runtime.backends.tensorrt import INSTALL_HINT
 from llmexport.runtime.bundle import Bundle
 from llmexport.runtime.session import Session
-from llmexport.runtime.tensorrt_backend import INSTALL_HINT
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_no_tensorrt = pytest.mark.skipif(HAS_TENSORRT, reason="checks the message shown when TensorRT is missing")

@@ -24,7 +24,7 @@ def _ort_cuda_available() -> bool:
 
 def test_cuda_graph_needs_device_cuda(bundle_factory):
     from llmexport.runtime.bundle import Bundle
-    from llmexport.runtime.torch_backend import TorchBackend
+    from llmexport.runtime.backends.torch import TorchBackend
 
     bundle_dir, _ = bundle_factory("llama3", "ort")
     with pytest.raises(LLMExportError, match="CUDA graphs need --device cuda"):

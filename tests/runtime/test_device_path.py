@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from llmexport import LLMExportError
+from llmexport.runtime.backends.onnxruntime import OnnxRuntimeBackend, create_session
 from llmexport.runtime.bundle import Bundle
 from llmexport.runtime.engine import Engine
-from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend, create_session
 from llmexport.runtime.sampling import SamplingParams
 from llmexport.runtime.session import Session
 

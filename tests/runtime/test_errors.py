@@ -167,7 +167,7 @@ def test_session_failures_say_what_they_are():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from llmexport.runtime.onnxruntime_backend import session_error
+    from llmexport.runtime.backends.onnxruntime import session_error
 
     node = helper.make_node("Erf", ["x"], ["y"])  # valid ONNX, but ONNX Runtime's CPU has no double kernel
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2])],

@@ -8,9 +8,9 @@ import pytest
 
 from llmexport import LLMExportError
 from llmexport.exporter.quantize import QuantConfig
+from llmexport.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from llmexport.runtime.backends.torch import TorchBackend
 from llmexport.runtime.bundle import Bundle
-from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from llmexport.runtime.torch_backend import TorchBackend
 
 PREFILL, DECODE = "prefill", "decode"
 # (family, target, dtype, quant, tolerance relative to the logits' scale)

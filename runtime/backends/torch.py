@@ -11,12 +11,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from llmexport import LLMExportError
-from llmexport.runtime.bundle import names as io
 
-from .backend import Backend
-from .bundle import Bundle
-from .bundle.quant import Scheme, stored_tensors, unpack
-
+from ..bundle import Bundle
+from ..bundle import names as io
+from ..bundle.quant import Scheme, stored_tensors, unpack
+from .base import Backend
 
 
 class BundleSource:
