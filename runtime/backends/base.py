@@ -67,6 +67,23 @@ class Backend(ABC):
                                  f"{self.bundle.max_seq_len}")
 
     @abstractmethod
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cache slots of row `src` into row `dst`, every layer's key and
+        value: a prompt prefix prefilled once, shared by other rows (n > 1, a common system
+        prompt). Row `dst`'s later slots are left as they are."""
+
+    def check_copy_row(self, src: int, dst: int, length: int, slots: int | None = None) -> None:
+        """`slots`: the cache slots per row this backend allocated (default the bundle's max_seq_len)."""
+        for row in (src, dst):
+            if not 0 <= row < self.cache_rows:
+                raise LLMExportError(f"cache row {row} is outside the {self.cache_rows} allocated rows "
+                                     f"0..{self.cache_rows - 1} (the bundle's max_batch is {self.bundle.max_batch})")
+        slots = self.bundle.max_seq_len if slots is None else slots
+        if not 0 <= length <= slots:
+            raise LLMExportError(f"cannot copy {length} cache slots: a row holds 0..{slots} (the bundle's "
+                                 f"max_seq_len is {self.bundle.max_seq_len})")
+
+    @abstractmethod
     def cache_addresses(self) -> list[int]:
         """Device address of every KV buffer (tests check decode never reallocates or copies them)."""
 

@@ -36,7 +36,9 @@ the same code:
   buffers: a step reads its rows from one set and writes them (the whole rows) to the other,
   so each row's current set is tracked; before a step over rows that sit in different sets
   (a request prefilled alone, then decoding with the others), the odd rows are copied across.
-  The manifest's `cache.in_place` says which kind a bundle is.
+  The manifest's `cache.in_place` says which kind a bundle is. `copy_row` (a prefilled prefix
+  shared by other rows) is a numpy slice assignment on the host path and one run of a small
+  Where graph bound to the buffers' addresses on the device path (no trip through the host).
 - bfloat16 bundles run on the device path only (CUDA): numpy has no bfloat16, so its buffers
   are allocated and bound by ONNX element type (TensorProto.BFLOAT16), and ONNX Runtime's CPU
   provider has no bfloat16 MatMul.
@@ -115,6 +117,8 @@ class OnnxRuntimeBackend(Backend):
         self._bindings: dict[tuple, object] = {}
         self._logits = np.empty((self.cache_rows, bundle.vocab_size), np.float32)  # bound by every uncaptured step
         self._graph_inputs: dict[int, dict[str, object]] = {}
+        self._copier = None  # the device path's session of copy_row_graph, made on first use
+        self._row_bytes = int(np.prod(shape[1:])) * np.dtype(self._dtype).itemsize  # one row of one buffer
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -171,12 +175,43 @@ class OnnxRuntimeBackend(Backend):
         past = self._caches[current]
         present = self._caches[(current + 1) % len(self._caches)]
         shape = self.bundle.cache_shape(len(rows))
-        row_bytes = int(np.prod(shape[1:])) * np.dtype(self._dtype).itemsize
+        offset = rows.start * self._row_bytes
         for name, out_name, src, dst in zip(io.cache_inputs(layers), io.cache_outputs(layers), past, present):
-            binding.bind_input(name, self.device, 0, self._element, shape,
-                               self._address(src) + rows.start * row_bytes)
-            binding.bind_output(out_name, self.device, 0, self._element, shape,
-                                self._address(dst) + rows.start * row_bytes)
+            binding.bind_input(name, self.device, 0, self._element, shape, self._address(src) + offset)
+            binding.bind_output(out_name, self.device, 0, self._element, shape, self._address(dst) + offset)
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        self.check_copy_row(src, dst, length)
+        if src == dst or not length:
+            return
+        # from the set holding src's cache into the set holding dst's (two sets: portable bundles)
+        sources, targets = self._caches[self._row_set[src]], self._caches[self._row_set[dst]]
+        if not self.device_path:
+            for a, b in zip(sources, targets):  # (B, H, S, D)
+                b[dst, :, :length] = a[src, :, :length]
+            return
+        # ONNX Runtime's own buffers: one run of a small graph over every buffer, bound by address
+        if self._copier is None:
+            graph = copy_row_graph(len(sources), self._bytes_shape())
+            self._copier = create_session(self.bundle, {}, graph, device=self.device, threads=self.threads)
+        binding = self._copier.io_binding()
+        shape = self._bytes_shape()
+        for i, (a, b) in enumerate(zip(sources, targets)):
+            into = self._address(b) + dst * self._row_bytes
+            binding.bind_input(f"src_{i}", self.device, 0, np.uint8, shape, self._address(a) + src * self._row_bytes)
+            binding.bind_input(f"dst_{i}", self.device, 0, np.uint8, shape, into)
+            binding.bind_output(f"out_{i}", self.device, 0, np.uint8, shape, into)
+        binding.bind_cpu_input("length", np.array(length, np.int64))
+        try:
+            self._copier.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime raises untyped errors
+            raise LLMExportError(f"onnxruntime failed copying cache row {src} to {dst}: "
+                                 f"{str(e).strip().splitlines()[-1]}") from None
+
+    def _bytes_shape(self) -> tuple[int, int, int, int]:
+        """One cache row as bytes, (1, H, S, D * itemsize): the copy never needs the dtype."""
+        _, heads, slots, dim = self.bundle.cache_shape(1)
+        return 1, heads, slots, dim * np.dtype(self._dtype).itemsize
 
     def _bind_tokens(self, binding, graph: bool, input_ids, position_ids, seq_lens, phase: str,
                      logits_at) -> None:
@@ -257,10 +292,30 @@ class OnnxRuntimeBackend(Backend):
         return logits.copy() if copy else logits
 
     def close(self) -> None:
+        self._copier = None
         self._bindings.clear()
         self._sessions.clear()
         self._caches.clear()
         self._weights.clear()
+
+
+def copy_row_graph(buffers: int, shape: tuple[int, int, int, int]) -> bytes:
+    """The graph behind the device path's copy_row: out_i = Where(slot < length, src_i, dst_i) for
+    `buffers` rows of `shape` (1, H, S, bytes per slot) and an int64 scalar `length`. Each out_i is
+    bound to dst_i's own memory: elementwise, so writing in place is safe; bytes, so one graph
+    serves every dtype (bfloat16 included)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    slot = numpy_helper.from_array(np.arange(shape[2], dtype=np.int64).reshape(1, 1, -1, 1), "slot")
+    nodes = [helper.make_node("Less", ["slot", "length"], ["keep"])]
+    inputs = [helper.make_tensor_value_info("length", TensorProto.INT64, [])]
+    outputs = []
+    for i in range(buffers):
+        nodes.append(helper.make_node("Where", ["keep", f"src_{i}", f"dst_{i}"], [f"out_{i}"]))
+        inputs += [helper.make_tensor_value_info(f"{name}_{i}", TensorProto.UINT8, shape) for name in ("src", "dst")]
+        outputs.append(helper.make_tensor_value_info(f"out_{i}", TensorProto.UINT8, shape))
+    graph = helper.make_graph(nodes, "copy_row", inputs, outputs, [slot])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
 
 def ort_weights(bundle: Bundle) -> dict[str, object]:

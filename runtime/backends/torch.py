@@ -165,6 +165,11 @@ class TorchBackend(Backend):
         graph.replay()
         return out.cpu().numpy()
 
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        self.check_copy_row(src, dst, length, slots=self.k[0].shape[2] if self.k else None)
+        for t in self.k + self.v:  # (B, H, S, D): in place, so captured graphs keep their addresses
+            t[dst, :, :length] = t[src, :, :length]
+
     def cache_addresses(self) -> list[int]:
         return [t.data_ptr() for t in self.k + self.v]
 
