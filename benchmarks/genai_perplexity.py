@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llmexport.runtime.evaluate import log_softmax_at, windows
+from llmexport.runtime.evaluate import windows
+from llmexport.runtime.logprobs import log_softmax_at
 
 
 def perplexity(model_dir: str | Path, ids: list[int], window: int, threads: int | None = None) -> dict:

@@ -316,7 +316,7 @@ def generate(
             return
         result = {"token_ids": [[] for _ in prompts]}
         for event in session.stream(prompts, params):
-            result["token_ids"][event.row].append(event.token_id)
+            result["token_ids"][event.index].append(event.token_id)
             if len(prompts) == 1 and session.tokenizer:
                 print(event.text, end="", flush=True)
         if len(prompts) > 1 or not session.tokenizer:

@@ -1,4 +1,9 @@
-"""Sampling in numpy: greedy, temperature, top-k, top-p, repetition penalty, seeded."""
+"""Sampling in numpy: greedy, temperature, top-k, top-p, repetition, presence and frequency
+penalties, logit bias, a token mask (structured output), seeded.
+
+Order, as vLLM's: the logits are adjusted (repetition penalty on every token seen, prompt
+included; presence and frequency penalties on generated tokens, OpenAI's definition; logit
+bias; the mask), then scaled by the temperature, then cut by top-k and top-p."""
 
 from __future__ import annotations
 
@@ -22,6 +27,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
     eos_token_ids: tuple[int, ...] | None = None  # None: the bundle's
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token generated so far
+    frequency_penalty: float = 0.0  # ... and this, times the number of times it was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit)
+    logprobs: int | None = None  # None: off; k: each sampled token's log-probability and the k most likely
 
     def __post_init__(self) -> None:
         checks = [
@@ -32,6 +41,10 @@ class SamplingParams:
             (isinstance(self.seed, int) and 0 <= self.seed < 2**63, f"seed={self.seed} must be an integer in 0..2**63-1"),
             (self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1 is off)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty={self.presence_penalty} must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty={self.frequency_penalty} must be in [-2, 2]"),
+            (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs={self.logprobs} must be in 0..20"),
         ]
         for ok, message in checks:
             if not ok:
@@ -40,18 +53,25 @@ class SamplingParams:
 
 class Sampler:
     """One sequence's sampler: its own seeded generator, and the tokens it has seen (prompt and
-    output, for the repetition penalty) kept as they come, so a step never re-scans the history."""
+    output, for the repetition penalty; output counts, for presence and frequency) kept as they
+    come, so a step never re-scans the history. `mask`, when set, is called on each step's
+    adjusted logits and sets the tokens it forbids to -inf (runtime/grammar.py)."""
 
-    def __init__(self, params: SamplingParams, seen: Sequence[int] = ()):
+    def __init__(self, params: SamplingParams, seen: Sequence[int] = (), mask=None):
         self.params = params
+        self.mask = mask
         self.rng = np.random.default_rng(params.seed)
         self._penalised = params.repetition_penalty != 1.0
+        self._counted = bool(params.presence_penalty or params.frequency_penalty)
+        self._bias = (np.array([t for t, _ in params.logit_bias], dtype=np.int64),
+                      np.array([b for _, b in params.logit_bias], dtype=np.float32)) if params.logit_bias else None
         self._seen: set[int] = set()
         self._ids = np.empty(64, dtype=np.int64)  # the distinct seen ids, first len(_seen) entries
+        self._counts: dict[int, int] = {}  # generated id -> times
         self.observe(seen)
 
     def observe(self, tokens: Sequence[int]) -> None:
-        """Record tokens of the sequence (the prompt at the start, then each sampled token)."""
+        """Record tokens of the sequence's prompt (or, for tests, output) for the repetition penalty."""
         if not self._penalised:
             return
         for t in tokens:
@@ -62,33 +82,69 @@ class Sampler:
                 self._ids[len(self._seen)] = t
                 self._seen.add(t)
 
+    def generated(self, token: int) -> None:
+        """Record a token the sequence generated (every penalty counts it)."""
+        self.observe((token,))
+        if self._counted:
+            self._counts[int(token)] = self._counts.get(int(token), 0) + 1
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether logits are changed before the temperature (else greedy is a plain argmax)."""
+        return self._penalised or self._counted or self._bias is not None or self.mask is not None
+
     def __call__(self, logits: np.ndarray) -> int:
         """The next token from one row of float logits (V,), which is left as it is; the caller
-        observes the tokens it keeps. A few passes over the row and no sort of it (runtime/README:
-        host work per step)."""
+        records the tokens it keeps (generated). A few passes over the row and no sort of it
+        (runtime/README: host work per step)."""
         p = self.params
-        if p.temperature == 0 and not self._penalised:
+        if p.temperature == 0 and not self.adjusts:
             return int(np.argmax(logits))
-        # temperature first is the same as after the penalty: both keep the sign and scale (a
-        # product by the reciprocal: a division is 2-3x slower per element)
         work = _workspace(len(logits))
-        x = np.multiply(logits, 1.0 / (p.temperature or 1.0), out=work.x)
-        if self._penalised and self._seen:
-            ids = self._ids[: len(self._seen)]
-            values = x[ids]
-            x[ids] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if self._counted or self._bias is not None or self.mask is not None:  # additive: before the temperature
+            x = self._adjusted(logits, work.x)
+            if p.temperature:
+                np.multiply(x, 1.0 / p.temperature, out=x)
+        else:
+            # temperature first is the same as after the repetition penalty: both keep the sign and
+            # scale (a product by the reciprocal: a division is 2-3x slower per element)
+            x = np.multiply(logits, 1.0 / (p.temperature or 1.0), out=work.x)
+            self._repetition(x)
         if p.temperature == 0:
             return int(np.argmax(x))
         x -= x.max()  # log-probabilities up to the normaliser
         # e^-80 is a normal float32; e^-88 and below are denormals, 10-100x slower in every later
         # pass. A token 80 nats or more below the most likely one keeps weight e^-80 (< 2e-35).
-        if x.min() < -FLOOR:
-            np.maximum(x, -FLOOR, out=x)
+        if x.min() < -FLOOR:  # a mask's -inf stays: those tokens are forbidden, not unlikely
+            np.maximum(x, -FLOOR, out=x, where=True if self.mask is None else np.isfinite(x, out=work.mask))
         if p.top_k and p.top_k < len(x):
             np.copyto(x, -np.inf, where=np.less(x, _kth_largest(x, p.top_k, work.mask), out=work.mask))
         if p.top_p < 1.0:
             return self._top_p(x, p.top_p, work)
         return _Chunks(np.exp(x, out=x), work.padded_x).draw(self.rng.random())
+
+    def _repetition(self, x: np.ndarray) -> None:
+        if self._penalised and self._seen:
+            ids = self._ids[: len(self._seen)]
+            values = x[ids]
+            x[ids] = np.where(values > 0, values / self.params.repetition_penalty,
+                              values * self.params.repetition_penalty)
+
+    def _adjusted(self, logits: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """logits with every penalty, the bias and the mask applied, in `x`."""
+        np.copyto(x, logits)
+        self._repetition(x)
+        if self._counts:
+            ids = np.fromiter(self._counts, dtype=np.int64, count=len(self._counts))
+            counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
+            x[ids] -= counts * self.params.frequency_penalty + self.params.presence_penalty
+        if self._bias is not None:
+            x[self._bias[0]] += self._bias[1]
+        if self.mask is not None:
+            self.mask(x)
+            if not np.isfinite(x.max()):
+                raise LLMExportError("the output constraint allows no token here")
+        return x
 
     def _top_p(self, x: np.ndarray, top_p: float, work: _Workspace) -> int:
         """A draw from the nucleus by rejection: draw from the whole row, keep the token if it lies

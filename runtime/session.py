@@ -16,9 +16,10 @@ import numpy as np
 
 from llmexport import LLMExportError
 
-from .backend import Backend
+from .backends import Backend
 from .bundle import Bundle
 from .chat import ChatTemplate, Message
+from . import defaults
 from .engine import Engine, TokenEvent
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -73,17 +74,17 @@ class Session:
 
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                  cuda_graph: bool | None = None, threads: int | None = None, check_integrity: bool = False,
-                 reference=None, max_queue: int | None = None, prefill_chunk: int = 256,
-                 prefill_stall: float = 1.0):
+                 reference=None, max_queue: int | None = None, prefill_chunk: int = defaults.PREFILL_CHUNK,
+                 prefill_stall: float = defaults.PREFILL_STALL, prompt_reuse: bool = defaults.PROMPT_REUSE):
         """`check_integrity`: hash every bundle file against the manifest before loading (sizes,
         paths and the manifest's own digest are checked on every open). `reference`: see
-        create_backend. `max_queue`, `prefill_chunk`, `prefill_stall`: see Engine."""
+        create_backend. `max_queue`, `prefill_chunk`, `prefill_stall`, `prompt_reuse`: see Engine."""
         self.bundle = Bundle.open(bundle_dir, check_integrity=check_integrity)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_path) if self.bundle.tokenizer_path else None
         self.backend = create_backend(self.bundle, backend, device, cuda_graph, threads, reference)
         self.engine = Engine(self.backend, self.tokenizer, eos_token_ids=self.bundle.eos_token_ids,
-                             max_queue=max_queue, prefill_chunk=prefill_chunk, prefill_stall=prefill_stall)
-        self.slots = self.engine.slots
+                             max_queue=max_queue, prefill_chunk=prefill_chunk, prefill_stall=prefill_stall,
+                             prompt_reuse=prompt_reuse)
         self.last_timings: dict = {}
         self._chat_template: ChatTemplate | None = None
 
@@ -157,10 +158,10 @@ class Session:
         result = GenerationResult([[] for _ in ids], ["" for _ in ids], ["" for _ in ids])
         for event in self._stream(ids, params):
             if event.token_id is not None:
-                result.token_ids[event.row].append(event.token_id)
-            result.text[event.row] += event.text
+                result.token_ids[event.index].append(event.token_id)
+            result.text[event.index] += event.text
             if event.finish_reason:
-                result.finish_reason[event.row] = event.finish_reason
+                result.finish_reason[event.index] = event.finish_reason
         result.timings = self.last_timings
         return result
 
@@ -184,7 +185,7 @@ class Session:
                 while events:
                     event = events.popleft()
                     if event.finish_reason == "error":
-                        raise LLMExportError(requests[event.row].error)
+                        raise LLMExportError(requests[event.index].error)
                     yield event
                 if all(r.done for r in requests) and not events:
                     break

@@ -63,7 +63,7 @@ class Metrics:
                 "# HELP llmexport_running_requests Requests holding a KV row (prefilling or decoding).",
                 "# TYPE llmexport_running_requests gauge", f"llmexport_running_requests {len(engine.running)}",
                 "# HELP llmexport_kv_rows Rows of the KV buffers.",
-                "# TYPE llmexport_kv_rows gauge", f"llmexport_kv_rows {engine.slots.rows}",
+                "# TYPE llmexport_kv_rows gauge", f"llmexport_kv_rows {engine.rows.rows}",
                 "# HELP llmexport_generated_tokens_total Tokens sampled.",
                 "# TYPE llmexport_generated_tokens_total counter",
                 f"llmexport_generated_tokens_total {engine.stats['generated_tokens']}",

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from llmexport import LLMExportError
-from llmexport.runtime.engine import Engine, QueueFull, buckets
+from llmexport.runtime.engine import Engine, QueueFull
+from llmexport.runtime.scheduler import buckets
 from llmexport.runtime.sampling import SamplingParams
 from llmexport.runtime.session import Session
 
@@ -46,7 +47,7 @@ def _random_arrivals(engine: Engine, work, seed: int) -> list[list[int]]:
         if engine.busy:
             engine.step()
         iteration += 1
-    assert engine.slots.in_use == 0
+    assert engine.rows.in_use == 0
     return [r.tokens for r in requests]
 
 
@@ -123,19 +124,19 @@ def test_cancel_frees_the_row_at_once_and_the_next_requests_fit(bundle_factory):
         want = session.generate([[9, 10, 11]], SamplingParams(max_new_tokens=5, ignore_eos=True)).token_ids[0]
         running = [engine.submit([5, 6, 7], params) for _ in range(4)]
         engine.step()
-        assert engine.slots.in_use == 4
+        assert engine.rows.in_use == 4
         stream = iter(running[0])
         next(stream)
         stream.close()  # an abandoned iterator cancels its request
         running[1].cancel()
-        assert engine.slots.in_use == 2 and running[0].finish_reason == running[1].finish_reason == "cancelled"
+        assert engine.rows.in_use == 2 and running[0].finish_reason == running[1].finish_reason == "cancelled"
         late = [engine.submit([9, 10, 11], SamplingParams(max_new_tokens=5, ignore_eos=True)) for _ in range(2)]
         engine.step()
-        assert engine.slots.in_use == 4 and not engine.waiting
+        assert engine.rows.in_use == 4 and not engine.waiting
         for r in running[2:]:
             r.cancel()
         assert [[e.token_id for e in r if e.token_id is not None] for r in late] == [want, want]
-        assert engine.slots.in_use == 0
+        assert engine.rows.in_use == 0
 
 
 def test_a_full_queue_refuses_at_once(bundle_factory):
@@ -170,7 +171,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(bundle_factory
         doomed = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, ignore_eos=True))
         with pytest.raises(LLMExportError, match="decode failed: RuntimeError: device lost"):
             list(doomed)
-        assert doomed.finish_reason == "error" and engine.slots.in_use == 0
+        assert doomed.finish_reason == "error" and engine.rows.in_use == 0
         session.backend.step = real
         assert session.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True)).token_ids[0] == want
 
@@ -227,7 +228,7 @@ def test_asyncio_clients_get_their_alone_tokens(bundle_factory):
         tokens, early = asyncio.run(main())  # leaving run() closes the early loop: it cancels
         assert tokens == alone and early.finish_reason == "cancelled"
         deadline = time.time() + 10
-        while engine.slots.in_use:  # freed by the engine thread's current iteration at the latest
+        while engine.rows.in_use:  # freed by the engine thread's current iteration at the latest
             assert time.time() < deadline
             time.sleep(0.01)
 
@@ -260,4 +261,4 @@ def test_an_internal_error_fails_the_running_requests_and_the_engine_goes_on(bun
         with pytest.raises(LLMExportError, match="internal error in the engine: ValueError: sampler bug"):
             list(doomed)
         assert [e.token_id for e in engine.submit([5, 6, 7], params)] == want
-        assert engine.slots.in_use == 0
+        assert engine.rows.in_use == 0

@@ -104,7 +104,7 @@ def test_bad_requests_leave_the_session_usable(bundle_factory, prompts, message)
         expected = session.generate([[5, 6, 7]], OK).token_ids
         with pytest.raises(LLMExportError, match=message):
             session.generate(prompts, OK)
-        assert session.slots.in_use == 0
+        assert session.engine.rows.in_use == 0
         assert session.generate([[5, 6, 7]], OK).token_ids == expected
 
 
@@ -114,7 +114,7 @@ def test_abandoned_stream_frees_its_rows(bundle_factory):
         stream = session.stream([[5, 6, 7]] * 4, SamplingParams(max_new_tokens=10, ignore_eos=True))
         next(stream)
         stream.close()
-        assert session.slots.in_use == 0
+        assert session.engine.rows.in_use == 0
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -88,7 +88,8 @@ def test_eval_model_scores_the_unquantized_source_through_a_quantized_bundle(bun
 def _one_token_at_a_time(session, ids: list[int], window: int) -> float:
     """The mean NLL as scoring was first written: each window fed one token per step (prefill of
     its first token, then decode steps), the last-token logits of each step scoring the next."""
-    from llmexport.runtime.evaluate import log_softmax_at, windows
+    from llmexport.runtime.evaluate import windows
+    from llmexport.runtime.logprobs import log_softmax_at
 
     backend, total, count = session.backend, 0.0, 0
     for chunk in windows(ids, window):
@@ -104,10 +105,10 @@ def _one_token_at_a_time(session, ids: list[int], window: int) -> float:
 @pytest.mark.parametrize("logits_bytes, how", [(None, "windows side by side"), (4 * 256 * 7, "chunks of 7")])
 @pytest.mark.parametrize("target", ["ort", "portable"])
 def test_prefill_scoring_equals_one_token_at_a_time(bundle_factory, monkeypatch, target, logits_bytes, how):
-    from llmexport.runtime import evaluate
+    from llmexport.runtime import scheduler
 
     if logits_bytes:  # a window needs several calls over its growing cache
-        monkeypatch.setattr(evaluate, "LOGITS_BYTES", logits_bytes)
+        monkeypatch.setattr(scheduler, "LOGITS_BYTES", logits_bytes)
     seen = []
     with Session(bundle_factory("qwen2", target)[0]) as session:
         ids = session.tokenizer.encode(TEXT)
@@ -117,4 +118,8 @@ def test_prefill_scoring_equals_one_token_at_a_time(bundle_factory, monkeypatch,
     assert seen[0] == (0, len(ids) - 4) and seen[-1] == (len(ids) - 4,) * 2
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     fed = [len(ids[i: i + 40]) - 1 for i in range(0, len(ids), 40)]  # each window's tokens but its last
-    assert len(seen) - 1 == (1 if how == "windows side by side" else sum(-(-n // 7) for n in fed))
+    calls = session.engine.stats["prefill_calls"]
+    assert calls == (1 if how == "windows side by side" else sum(-(-n // 7) for n in fed))
+    # progress is reported after every engine iteration that scored something (chunks of all
+    # windows in one iteration: one report)
+    assert len(seen) - 1 == (1 if how == "windows side by side" else max(-(-n // 7) for n in fed))

@@ -183,12 +183,12 @@ def test_a_client_that_disconnects_frees_its_row(server, alone, slow):
                                                 stream=True, extra_body={"ignore_eos": True}) for _ in range(4)]
     for s in streams:
         next(iter(s))
-    assert engine.slots.in_use == 4
+    assert engine.rows.in_use == 4
     for s in streams[:3]:
         s.close()  # the connection goes away mid-stream
     deadline = time.time() + 10
-    while engine.slots.in_use > 1:
-        assert time.time() < deadline, f"{engine.slots.in_use} rows still held"
+    while engine.rows.in_use > 1:
+        assert time.time() < deadline, f"{engine.rows.in_use} rows still held"
         time.sleep(0.05)
     done = server.client.completions.create(model="tiny", prompt=[7, 8], max_tokens=5, temperature=0,
                                             extra_body={"ignore_eos": True})

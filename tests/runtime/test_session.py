@@ -43,7 +43,7 @@ def test_greedy_equals_reference_and_transformers_alone_and_batched(bundle_facto
 
 def test_decode_graph_and_shared_cpu_session_agree(bundle_factory):
     from llmexport.runtime.bundle import Bundle
-    from llmexport.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from llmexport.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     bundle_dir, _ = bundle_factory("llama3", "ort")
     ids, positions = np.array([[5, 6, 7]]), np.array([[0, 1, 2]])

@@ -1,0 +1,138 @@
+"""One request in the engine: its explicit state, what it has produced, and how its caller reads it.
+
+    WAITING ──admitted to a row──> PREFILLING ──its last prompt token's logits──> DECODING ──> FINISHED
+        └──────────── (a cached prefix leaves one token: decoded, not prefilled) ───────┘
+
+A request prefills `prompt[filled:feed]` in one or more chunks (runtime/scheduler.py plans them),
+then decodes one token per step until it stops. A scoring request (`score=True`) only prefills:
+it feeds all of its prompt but the last token and records the log-probability of each next
+prompt token (perplexity, runtime/evaluate.py). `prompt_logprobs` does the same for a generation
+request's prompt before it decodes (OpenAI's `echo` with `logprobs`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from llmexport import LLMExportError
+
+from .sampling import Sampler, SamplingParams
+from .tokenizer import TextStream
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class State(enum.Enum):
+    WAITING = "waiting"  # queued for a KV row
+    PREFILLING = "prefilling"  # holds a row; prompt tokens left to feed
+    DECODING = "decoding"  # `pending` is the next token to feed (the last prompt token, or the last sampled)
+    FINISHED = "finished"  # finish_reason says why; its row is free
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens at that position, most likely first
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int  # which prompt of the caller's request (Request.index)
+    token_id: int | None  # None on a last event without a token of its own (cancelled, error)
+    text: str  # text delta ("" without a tokenizer, or while held back)
+    finish_reason: str | None  # set on the last event: eos, stop, length, max_seq_len, cancelled, error
+    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs
+
+
+class Request:
+    """Iterate it for its TokenEvents (blocks; steps the engine on this thread when no background
+    thread runs it), or `async for` it (Engine.submit_async); `cancel()` from any thread."""
+
+    def __init__(self, engine: "Engine", ident: int, prompt: list[int], params: SamplingParams, eos: frozenset,
+                 index: int, sink: Callable[[TokenEvent], None] | None, score: bool = False,
+                 prompt_logprobs: bool = False):
+        self.engine, self.id, self.prompt, self.params, self.index = engine, ident, prompt, params, index
+        self.eos, self._sink, self.score = eos, sink, score
+        self.state = State.WAITING
+        self.row: int | None = None  # the KV row it holds while PREFILLING or DECODING
+        self.filled = 0  # slots of its row holding its tokens (a reused prefix included)
+        self.reused = 0  # prompt tokens found in the cache instead of computed
+        self.feed = len(prompt) - 1 if score else len(prompt)  # prompt tokens to prefill
+        self.wants_every_logit = score or prompt_logprobs  # logits at every fed position
+        # (token, log-probability, top) of prompt tokens 1.. (score / prompt_logprobs)
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self.pending: int | None = None
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        self.sampler = Sampler(params, prompt)
+        self.text = TextStream(engine.tokenizer, params.stop)
+        self.events: deque[TokenEvent] = deque()
+        self._queue: asyncio.Queue | None = None  # submit_async's
+        self.submitted_at = time.perf_counter()
+        self.token_times: list[float] = []
+
+    @property
+    def done(self) -> bool:
+        return self.state is State.FINISHED
+
+    @property
+    def decoding(self) -> bool:
+        return self.state is State.DECODING
+
+    @property
+    def prefilling(self) -> bool:
+        return self.state is State.PREFILLING
+
+    def cancel(self) -> None:
+        """Stop generating; the row is freed now, or at the end of the iteration under way. The
+        last event has finish_reason "cancelled"."""
+        self.engine.cancel(self)
+
+    async def next_event(self) -> TokenEvent:
+        """The next event of a request made by Engine.submit_async (awaits the engine's thread)."""
+        return await self._queue.get()
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        """`async for event in request` (submit_async); leaving the loop early cancels the request."""
+        try:
+            while True:
+                event = await self.next_event()
+                if event.finish_reason == "error":
+                    raise LLMExportError(self.error)
+                yield event
+                if event.finish_reason:
+                    return
+        finally:
+            if not self.done:
+                self.cancel()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        try:
+            while True:
+                batch, finished = self.engine.take_events(self)
+                yield from batch
+                if finished:
+                    if self.finish_reason == "error":
+                        raise LLMExportError(self.error)
+                    return
+        finally:
+            if not self.done:
+                self.cancel()
+
+    def deliver(self, event: TokenEvent) -> None:
+        """Under the engine's lock: to the sink, else to the request's own queue."""
+        if self._sink is not None:
+            self._sink(event)
+        else:
+            self.events.append(event)
