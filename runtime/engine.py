@@ -104,11 +104,12 @@ class Engine:
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, *, index: int = 0,
                sink: Callable[[TokenEvent], None] | None = None, score: bool = False,
-               prompt_logprobs: bool = False) -> Request:
+               prompt_logprobs: bool = False, matcher=None) -> Request:
         """Queue one prompt (token ids). Events go to `sink` (called on the engine's thread, under
         its lock: keep it short) or, without one, to the request's own queue (iterate it).
         score: only score the prompt (Request.prompt_logprobs; finish reason "scored").
-        prompt_logprobs: also record the prompt's log-probabilities before generating."""
+        prompt_logprobs: also record the prompt's log-probabilities before generating.
+        matcher: a runtime/grammar.py Matcher; each token is sampled among those it allows."""
         prompt = self.check_prompt(prompt)
         if score and len(prompt) < 2:
             raise LLMExportError("scoring needs at least 2 tokens (the first is never predicted)")
@@ -120,19 +121,20 @@ class Engine:
             if self.max_queue is not None and len(self.waiting) >= self.max_queue + self.rows.free_rows:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for one of "
                                 f"{self.rows.rows} KV rows); retry later")
-            request = Request(self, next(self._ids), prompt, params, eos, index, sink, score, prompt_logprobs)
+            request = Request(self, next(self._ids), prompt, params, eos, index, sink, score, prompt_logprobs,
+                              matcher)
             self.waiting.append(request)
             self._cond.notify_all()
         return request
 
     def submit_async(self, prompt: Sequence[int], params: SamplingParams, *, index: int = 0,
-                     prompt_logprobs: bool = False) -> Request:
+                     prompt_logprobs: bool = False, matcher=None) -> Request:
         """submit() from a coroutine: `async for event in request`, or `await request.next_event()`.
         The engine must iterate on its background thread (start())."""
         if self._thread is None:
             raise LLMExportError("asyncio clients need the engine on its background thread: call engine.start()")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        request = self.submit(prompt, params, index=index, prompt_logprobs=prompt_logprobs,
+        request = self.submit(prompt, params, index=index, prompt_logprobs=prompt_logprobs, matcher=matcher,
                               sink=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
         request._queue = queue
         return request
@@ -317,7 +319,7 @@ class Engine:
         n = min(chunk.length, len(request.prompt) - 1 - chunk.start)
         if n > 0:
             targets = request.prompt[chunk.start + 1: chunk.start + 1 + n]
-            top = 0 if request.score else (request.params.logprobs or 0)
+            top = request.params.logprobs or 0
             request.prompt_logprobs.extend(token_logprobs(logits[:n], targets, top))
 
     def _decode(self, decoding: list[Request]) -> None:
@@ -355,7 +357,15 @@ class Engine:
 
     def _sampled(self, request: Request, logits: np.ndarray) -> None:
         """Sample, record, stop and stream one request's next token from its logits (V,)."""
-        token = request.sampler(logits)
+        try:
+            token = request.sampler(logits)
+            if request.matcher is not None:
+                request.matcher.accept(token)
+        except LLMExportError as e:  # the grammar and the model disagree: this request fails, not the batch
+            with self._cond:
+                request.error = str(e)
+                self._finish(request, "error")
+            return
         logprob = None
         if request.params.logprobs is not None:
             logprob = token_logprobs(logits[None], (token,), request.params.logprobs)[0]

@@ -58,7 +58,7 @@ class Request:
 
     def __init__(self, engine: "Engine", ident: int, prompt: list[int], params: SamplingParams, eos: frozenset,
                  index: int, sink: Callable[[TokenEvent], None] | None, score: bool = False,
-                 prompt_logprobs: bool = False):
+                 prompt_logprobs: bool = False, matcher=None):
         self.engine, self.id, self.prompt, self.params, self.index = engine, ident, prompt, params, index
         self.eos, self._sink, self.score = eos, sink, score
         self.state = State.WAITING
@@ -75,7 +75,8 @@ class Request:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cancelled = False
-        self.sampler = Sampler(params, prompt)
+        self.matcher = matcher  # runtime/grammar.py Matcher: the tokens its grammar allows next
+        self.sampler = Sampler(params, prompt, mask=matcher.mask_logits if matcher is not None else None)
         self.text = TextStream(engine.tokenizer, params.stop)
         self.events: deque[TokenEvent] = deque()
         self._queue: asyncio.Queue | None = None  # submit_async's

@@ -106,11 +106,13 @@ class Session:
             self._chat_template = template
         return self._chat_template
 
-    def render_chat(self, messages: Sequence[Message]) -> list[int]:
-        """Prompt ids of a conversation, as transformers' apply_chat_template(add_generation_prompt=True)."""
+    def render_chat(self, messages: Sequence[Message], tools: Sequence[dict] | None = None) -> list[int]:
+        """Prompt ids of a conversation, as transformers' apply_chat_template(add_generation_prompt=True);
+        `tools` (OpenAI's function definitions) go to templates that take them."""
         if self.tokenizer is None:
             raise LLMExportError("chat needs the bundle's tokenizer; this bundle has none")
-        return self.tokenizer.encode(self.chat_template.render(messages), add_special_tokens=False)
+        text = self.chat_template.render(messages, tools=tools) if tools else self.chat_template.render(messages)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def chat(self, messages: Sequence[Message], params: SamplingParams | None = None) -> GenerationResult:
         """The assistant's reply to one conversation ([{"role": ..., "content": ...}, ...])."""

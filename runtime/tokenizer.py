@@ -26,6 +26,11 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens included (OpenAI's `token` in logprobs); a piece
+        of a multi-byte character comes out as U+FFFD."""
+        return self._tok.decode([int(token_id)], skip_special_tokens=False)
+
 
 class TextStream:
     """Turns one sequence's growing token ids into text deltas, honouring stop strings, in O(1)

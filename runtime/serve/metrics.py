@@ -67,6 +67,13 @@ class Metrics:
                 "# HELP llmexport_generated_tokens_total Tokens sampled.",
                 "# TYPE llmexport_generated_tokens_total counter",
                 f"llmexport_generated_tokens_total {engine.stats['generated_tokens']}",
+                "# HELP llmexport_prompt_tokens_total Prompt tokens of admitted requests, by where their cache came from.",
+                "# TYPE llmexport_prompt_tokens_total counter",
+                f'llmexport_prompt_tokens_total{{source="reused"}} {engine.stats["reused_prompt_tokens"]}',
+                f'llmexport_prompt_tokens_total{{source="computed"}} '
+                f'{engine.stats["prompt_tokens"] - engine.stats["reused_prompt_tokens"]}',
+                "# HELP llmexport_kv_kept_tokens Tokens cached in free rows, ready for prompt reuse.",
+                "# TYPE llmexport_kv_kept_tokens gauge", f"llmexport_kv_kept_tokens {engine.rows.kept_tokens()}",
                 "# HELP llmexport_decode_steps_total Decode steps run (one for every decoding request).",
                 "# TYPE llmexport_decode_steps_total counter",
                 f"llmexport_decode_steps_total {engine.stats['decode_steps']}",
