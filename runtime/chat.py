@@ -18,6 +18,7 @@ from pathlib import Path
 from llmexport import LLMExportError
 
 from .bundle import read_json
+from .tools import check_tools
 
 # The named special tokens transformers passes to every template (SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -28,6 +29,7 @@ def _jinja():
     try:
         import jinja2
         import jinja2.ext
+        import jinja2.meta
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise LLMExportError("chat templates need jinja2; pip install jinja2") from None
@@ -86,10 +88,12 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self._template = env.from_string(template)
+            variables = jinja2.meta.find_undeclared_variables(env.parse(template))
         except jinja2.exceptions.TemplateError as e:
             raise LLMExportError(f"the bundle's chat template does not compile: {e}; fix chat_template.jinja") from None
         self._jinja2 = jinja2
         self.tokens = dict(tokens or {})
+        self.takes_tools = "tools" in variables  # Qwen2.5's lists them in the system prompt
 
     @classmethod
     def from_files(cls, template_file: Path | None, tokenizer_config: Path | None,
@@ -100,15 +104,43 @@ class ChatTemplate:
         template = resolve_template(config, text)
         return cls(template, special_tokens(config, read_json(special_tokens_map))) if template else None
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True, *,
+               tools: Sequence[Mapping] | None = None) -> str:
+        """The prompt text. tools: OpenAI's list ({"type": "function", "function": {...}}), passed
+        to the template as transformers passes it; messages may hold role "tool" replies and
+        assistant messages with OpenAI tool_calls (their arguments JSON strings)."""
         check_messages(messages)
-        # As transformers: keys whose value is None are dropped (templates test for presence).
-        plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        if tools:
+            check_tools(tools)
+            if not self.takes_tools:
+                raise LLMExportError("this model's chat template does not take tools; "
+                                     "describe the functions in a system message instead")
+        plain = [_template_message(m) for m in messages]
         try:
-            return self._template.render(messages=plain, tools=None, documents=None,
+            return self._template.render(messages=plain, tools=list(tools) if tools else None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.tokens)
         except self._jinja2.exceptions.TemplateError as e:
             raise LLMExportError(f"the chat template refused the conversation: {e}") from None
+
+
+def _template_message(message: Message) -> dict:
+    """A message as templates read it: as transformers, keys whose value is None are dropped
+    (templates test for presence); a tool call's arguments, a JSON string in OpenAI's API, become
+    the object templates write with `tojson` (as vLLM does), else a string would be quoted twice."""
+    plain = {k: v for k, v in message.items() if v is not None}
+    if plain.get("tool_calls"):
+        plain["tool_calls"] = [_template_call(c) for c in plain["tool_calls"]]
+    return plain
+
+
+def _template_call(call: Mapping) -> dict:
+    function = dict(call.get("function") or {})
+    if isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except ValueError:
+            pass  # not JSON: the template gets the text as it is
+    return {**call, "function": function}
 
 
 def check_messages(messages: Sequence[Message]) -> None:
@@ -117,6 +149,15 @@ def check_messages(messages: Sequence[Message]) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not m["role"]:
             raise LLMExportError(f"message {i} needs a 'role' string (system, user or assistant)")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant" or isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence) or not all(
+                    isinstance(c, Mapping) and isinstance(c.get("function"), Mapping)
+                    and isinstance(c["function"].get("name"), str) for c in calls):
+                raise LLMExportError(f"message {i}: tool_calls belong to assistant messages, each "
+                                     "{'type': 'function', 'function': {'name': ..., 'arguments': ...}}")
+            if calls and m.get("content") is None:
+                continue  # OpenAI's assistant message that only calls tools has content None
         if not isinstance(m.get("content"), (str, list)):
             raise LLMExportError(f"message {i} needs a 'content' string")
 

@@ -12,6 +12,7 @@ from llmexport.runtime.bundle.manifest import update_manifest
 from llmexport.runtime.chat import ChatTemplate
 from llmexport.runtime.session import Session
 from tests.conftest import run_cli, write_hf_checkpoint, write_tokenizer
+from tests.real_model.conftest import checkpoint  # noqa: F401 (the fixture: Qwen2.5-Coder converted from its GGUF)
 
 # Templates in the styles real checkpoints use (markers are words of the tiny vocabulary).
 TEMPLATES = {
@@ -41,6 +42,38 @@ CONVERSATIONS = {
 }
 
 
+# Qwen2.5's tool section, shortened: tools as JSON lines in the system prompt, calls as <tool_call>
+# blocks written from the arguments object, tool replies inside <tool_response> in a user turn.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- 'w10 system\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'w11' }}{%- endif %}"
+    "{{- '\n<tools>' }}{%- for tool in tools %}{{- '\n' }}{{- tool | tojson }}{%- endfor %}{{- '\n</tools> w14\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}{{- 'w10 system\n' + messages[0]['content'] + ' w14\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- 'w10 ' + message.role + '\n' + message.content + ' w14\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- 'w10 assistant' }}"
+    "{%- if message.content %}{{- '\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\n<tool_call>\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}{%- endfor %}{{- ' w14\n' }}"
+    "{%- elif message.role == 'tool' %}{{- 'w10 user\n<tool_response>\n' + message.content + '\n</tool_response> w14\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'w10 assistant\n' }}{%- endif %}")
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ARGUMENTS = {"city": "Paris, ☀"}
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "w40"},
+    {"role": "user", "content": "w5 w6"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(ARGUMENTS)}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "w7 w8"},
+]
+
+
 def _hf_tokenizer(directory, template: str):
     from transformers import PreTrainedTokenizerFast
 
@@ -55,6 +88,53 @@ def test_rendered_text_equals_apply_chat_template(tmp_path, style, conversation)
     messages = CONVERSATIONS[conversation]
     ours = ChatTemplate(TEMPLATES[style], {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     assert ours.render(messages) == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_tools_render_as_apply_chat_template_renders_them(tmp_path):
+    hf = _hf_tokenizer(tmp_path, TOOLS_TEMPLATE)
+    messages = [{"role": "user", "content": "w5 w6"}]
+    ours = ChatTemplate(TOOLS_TEMPLATE).render(messages, tools=TOOLS)
+    assert ours == hf.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert json.dumps(TOOLS[0], ensure_ascii=False) in ours
+
+
+def test_tool_calls_and_tool_replies_render_with_the_arguments_as_an_object(tmp_path):
+    """OpenAI sends a call's arguments as a JSON string; the template must see the object
+    (transformers' oracle is given the object), or it would write a quoted string."""
+    hf = _hf_tokenizer(tmp_path, TOOLS_TEMPLATE)
+    as_hf = [dict(m) for m in TOOL_CONVERSATION]
+    as_hf[2] = {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": ARGUMENTS}}]}
+    ours = ChatTemplate(TOOLS_TEMPLATE).render(TOOL_CONVERSATION, tools=TOOLS)
+    assert ours == hf.apply_chat_template(as_hf, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert '{"name": "get_weather", "arguments": {"city": "Paris, ☀"}}' in ours
+    assert "<tool_response>\nw7 w8\n</tool_response>" in ours
+
+
+def test_a_template_says_whether_it_takes_tools():
+    assert ChatTemplate(TOOLS_TEMPLATE).takes_tools
+    assert not ChatTemplate(TEMPLATES["chatml-default-system"]).takes_tools
+
+
+def test_tools_for_a_template_that_ignores_them_are_an_error():
+    with pytest.raises(LLMExportError, match="this model's chat template does not take tools"):
+        ChatTemplate(TEMPLATES["chatml-default-system"]).render(CONVERSATIONS["one-user"], tools=TOOLS)
+    assert ChatTemplate(TEMPLATES["chatml-default-system"]).render(CONVERSATIONS["one-user"], tools=None)
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "w5", "tool_calls": [{"function": {"name": "f"}}]}], "belong to assistant"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}], "belong to assistant"),
+    ([{"role": "assistant", "content": None, "tool_calls": []}], "message 0 needs a 'content'"),
+])
+def test_bad_tool_calls_in_messages_are_clear_errors(messages, message):
+    with pytest.raises(LLMExportError, match=message):
+        ChatTemplate(TOOLS_TEMPLATE).render(messages)
+
+
+def test_a_bad_tools_list_is_a_clear_error():
+    with pytest.raises(LLMExportError, match=r"tools\[0\] must be"):
+        ChatTemplate(TOOLS_TEMPLATE).render(CONVERSATIONS["one-user"], tools=[{"name": "get_weather"}])
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +239,28 @@ def test_a_generation_config_that_is_not_an_object_is_a_clear_export_error(tmp_p
     with pytest.raises(LLMExportError, match="generation_config.json is not a JSON object"):
         export_bundle(ckpt, tmp_path / "b", max_seq_len=32)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+class TestQwenTemplateTools:
+    """Qwen2.5-Coder's own template, from the checkpoint converted from its GGUF."""
+
+    flag = "qwen-coder"  # for the checkpoint fixture
+
+    def test_the_system_prompt_lists_the_tools_as_transformers_renders_it(self, checkpoint):
+        from transformers import AutoTokenizer
+
+        template = ChatTemplate.from_files(checkpoint / "chat_template.jinja", checkpoint / "tokenizer_config.json", None)
+        assert template.takes_tools
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        ours = template.render(messages, tools=TOOLS)
+        system = ours.split("<|im_end|>")[0]
+        assert system.startswith("<|im_start|>system\n") and "# Tools" in system
+        assert "<tools>\n" + json.dumps(TOOLS[0], ensure_ascii=False) + "\n</tools>" in system
+        hf = AutoTokenizer.from_pretrained(checkpoint)
+        assert ours == hf.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+        as_hf = [dict(m) for m in TOOL_CONVERSATION]
+        as_hf[2] = {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "get_weather", "arguments": ARGUMENTS}}]}
+        assert template.render(TOOL_CONVERSATION, tools=TOOLS) == hf.apply_chat_template(
+            as_hf, tools=TOOLS, tokenize=False, add_generation_prompt=True)
