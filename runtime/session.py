@@ -87,6 +87,7 @@ class Session:
                              prompt_reuse=prompt_reuse)
         self.last_timings: dict = {}
         self._chat_template: ChatTemplate | None = None
+        self._grammars = None
 
     def default_params(self, **overrides) -> SamplingParams:
         """SamplingParams from the checkpoint's generation_config.json, with `overrides` applied
@@ -105,6 +106,19 @@ class Session:
                                      "text or token ids, or export a checkpoint that has a chat template")
             self._chat_template = template
         return self._chat_template
+
+    @property
+    def grammars(self):
+        """The session's runtime/grammar.py Grammars (made on first use: reading the tokenizer
+        takes a second or two at a 150k vocabulary)."""
+        if self._grammars is None:
+            from .grammar import Grammars
+
+            if self.bundle.tokenizer_path is None:
+                raise LLMExportError("response_format and tools need the model's tokenizer; this bundle has none")
+            self._grammars = Grammars(self.bundle.tokenizer_path, self.bundle.vocab_size,
+                                      sorted(self.engine.eos_token_ids))
+        return self._grammars
 
     def render_chat(self, messages: Sequence[Message], tools: Sequence[dict] | None = None) -> list[int]:
         """Prompt ids of a conversation, as transformers' apply_chat_template(add_generation_prompt=True);
@@ -154,11 +168,14 @@ class Session:
                                  f"split the request or re-export with a larger --max-batch")
         return out
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> GenerationResult:
-        """params None: the bundle's generation defaults (greedy without a generation_config.json)."""
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+                 response_format: dict | None = None) -> GenerationResult:
+        """params None: the bundle's generation defaults (greedy without a generation_config.json).
+        response_format: OpenAI's ({"type": "json_object"}, or "json_schema" with a schema): each
+        output is sampled among the tokens that keep it valid (runtime/grammar.py)."""
         ids = self._encode(prompts)
         result = GenerationResult([[] for _ in ids], ["" for _ in ids], ["" for _ in ids])
-        for event in self._stream(ids, params):
+        for event in self._stream(ids, params, response_format):
             if event.token_id is not None:
                 result.token_ids[event.index].append(event.token_id)
             result.text[event.index] += event.text
@@ -167,11 +184,13 @@ class Session:
         result.timings = self.last_timings
         return result
 
-    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+               response_format: dict | None = None) -> Iterator[TokenEvent]:
         """Yield one TokenEvent per generated token of each row, in generation order."""
-        yield from self._stream(self._encode(prompts), params)
+        yield from self._stream(self._encode(prompts), params, response_format)
 
-    def _stream(self, prompts: list[list[int]], params: SamplingParams | None) -> Iterator[TokenEvent]:
+    def _stream(self, prompts: list[list[int]], params: SamplingParams | None,
+                response_format: dict | None = None) -> Iterator[TokenEvent]:
         """stream() on prompts already encoded and checked (generate encodes them itself). Row i
         samples with seed + i, so the rows of one call draw differently."""
         params = self.default_params() if params is None else params
@@ -179,8 +198,9 @@ class Session:
             raise LLMExportError("stop strings need a tokenizer; the bundle has none (use eos ids instead)")
         engine, events = self.engine, deque()
         started, steps = time.perf_counter(), engine.stats["decode_steps"]
+        matchers = [self.grammars.matcher(response_format) if response_format else None for _ in prompts]
         requests = [engine.submit(p, replace(params, seed=(params.seed + row) % 2**63) if row else params,
-                                  index=row, sink=events.append) for row, p in enumerate(prompts)]
+                                  index=row, sink=events.append, matcher=matchers[row]) for row, p in enumerate(prompts)]
         try:
             while True:
                 engine.wait(lambda: events or all(r.done for r in requests))

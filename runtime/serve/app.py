@@ -112,7 +112,6 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
     name = model_name or session.bundle.manifest["model"]["name"]
     metrics = Metrics(engine)
     token_text = out.TokenText(session.tokenizer)
-    grammars = []  # made on first use: reading the tokenizer takes a second or two
 
     @asynccontextmanager
     async def lifespan(app):
@@ -169,14 +168,7 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
                                             "max_model_len": session.bundle.max_seq_len}]}
 
     def grammar():
-        if not grammars:
-            from ..grammar import Grammars
-
-            if session.bundle.tokenizer_path is None:
-                raise LLMExportError("response_format and tools need the model's tokenizer; this bundle has none")
-            grammars.append(Grammars(session.bundle.tokenizer_path, session.bundle.vocab_size,
-                                     sorted(engine.eos_token_ids)))
-        return grammars[0]
+        return session.grammars
 
     def matchers(body, work: Job) -> list:
         """One grammar matcher per choice (or None): a forced tool call, or the response format."""
