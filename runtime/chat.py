@@ -151,13 +151,18 @@ def check_messages(messages: Sequence[Message]) -> None:
             raise LLMExportError(f"message {i} needs a 'role' string (system, user or assistant)")
         calls = m.get("tool_calls")
         if calls is not None:
-            if m["role"] != "assistant" or isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence) or not all(
-                    isinstance(c, Mapping) and isinstance(c.get("function"), Mapping)
-                    and isinstance(c["function"].get("name"), str) for c in calls):
+            if m["role"] != "assistant" or not _well_formed_calls(calls):
                 raise LLMExportError(f"message {i}: tool_calls belong to assistant messages, each "
                                      "{'type': 'function', 'function': {'name': ..., 'arguments': ...}}")
             if calls and m.get("content") is None:
                 continue  # OpenAI's assistant message that only calls tools has content None
         if not isinstance(m.get("content"), (str, list)):
             raise LLMExportError(f"message {i} needs a 'content' string")
+
+
+def _well_formed_calls(calls) -> bool:
+    if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
+        return False
+    return all(isinstance(c, Mapping) and isinstance(c.get("function"), Mapping)
+               and isinstance(c["function"].get("name"), str) for c in calls)
 

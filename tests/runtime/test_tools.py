@@ -30,7 +30,8 @@ def test_a_call_becomes_an_openai_tool_call_with_arguments_as_a_json_string():
 
 
 def test_parallel_calls_come_in_order_with_distinct_ids():
-    text = block('{"name": "now", "arguments": {}}') + "\n" + block('{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+    weather = block('{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+    text = block('{"name": "now", "arguments": {}}') + "\n" + weather
     _, calls = parse_tool_calls(text)
     assert [c["function"]["name"] for c in calls] == ["now", "get_weather"]
     assert json.loads(calls[1]["function"]["arguments"]) == {"city": "Oslo"}
