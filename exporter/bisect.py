@@ -203,7 +203,7 @@ def bisect_bundle(bundle_dir, source=None, seed: int = 0, tokens: int = BISECT_T
     cache = np.zeros(bundle.cache_shape(1), dtype=NUMPY_DTYPES[bundle.dtype])
     feeds = {io.INPUT_IDS: ids, io.POSITION_IDS: positions, io.SEQ_LENS: lengths,
              io.LOGITS_INDEX: io.logits_index(lengths, positions)[:, None]}
-    feeds |= {name: cache for name in io.cache_inputs(bundle.num_layers)}
+    feeds |= {name: cache for name in bundle.kv.inputs}
     if io.TOTAL_SEQ_LEN in {i.name for i in session.get_inputs()}:
         feeds[io.TOTAL_SEQ_LEN] = np.array(int(np.max(lengths)), dtype=np.int32)
     got = session.run([v.name for _, _, v, _ in wanted], feeds)

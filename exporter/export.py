@@ -26,8 +26,8 @@ import llmexport
 from llmexport import LLMExportError
 from llmexport.model.config import ModelConfig, check_dtype
 from llmexport.model.weights import ModelSource, open_source
+from llmexport.runtime.bundle import KVLayout, read_json
 from llmexport.runtime.bundle import names as io
-from llmexport.runtime.bundle import read_json
 from llmexport.runtime.bundle.manifest import write_manifest
 from llmexport.runtime.bundle.writer import check_out_dir, staging
 from llmexport.runtime.generation_config import eos_token_ids, sampling_defaults
@@ -35,7 +35,7 @@ from llmexport.runtime.generation_config import eos_token_ids, sampling_defaults
 from . import attention_function
 from .contrib_schemas import register_contrib_schemas
 from .quantize import QuantConfig, check_quant, layout, quantize_graph
-from .targets import check_target
+from .targets import check_target, writes_cache_in_place
 from .trace import trace
 from .weights_file import IR_DTYPES, attach_weights, fold_weight_transposes, write_weights
 
@@ -88,6 +88,7 @@ def export_bundle(
     source = model if isinstance(model, ModelSource) else open_source(model, seed)
     config = source.config
     max_seq_len = resolve_max_seq_len(config, max_seq_len)
+    cache = KVLayout.of(config, max_seq_len, in_place=writes_cache_in_place(target))
 
     graphs, quantized = {}, {}
     for i, phase in enumerate((io.PREFILL, io.DECODE)):
@@ -126,7 +127,7 @@ def export_bundle(
             ir.save(graph, path)
             register_contrib_schemas()
             onnx.checker.check_model(str(path), full_check=True)
-            graph_files[phase] = _graph_manifest(graph, path.name, config, target)
+            graph_files[phase] = _graph_manifest(graph, path.name, cache)
         progress("optimize", 2, 2)
         side = _copy_side_files(source, tmp)
         files = [*(g["file"] for g in graph_files.values()), io.WEIGHTS_FILE, *source.side_files()]
@@ -138,12 +139,7 @@ def export_bundle(
             "limits": {"max_batch": max_batch, "max_seq_len": max_seq_len},
             "bos_token_id": config.bos_token_id,
             **side,
-            "cache": {
-                "layout": ["batch", "kv_heads", "max_seq_len", "head_dim"],
-                "shape": [io.BATCH, config.num_kv_heads, max_seq_len, config.head_dim],
-                "dtype": dtype, "num_layers": config.num_layers,
-                "in_place": target == "ort",
-            },
+            "cache": cache.to_dict(dtype),
             "quantization": None if quant is None else {
                 "method": quant.method, "accuracy_level": quant.accuracy_level, "layout": layout(target),
                 "tensors": quantized[io.PREFILL]},
@@ -189,13 +185,12 @@ def io_spec(values) -> list[dict]:
              "shape": [d if isinstance(d, int) else str(d) for d in v.shape]} for v in values]
 
 
-def _graph_manifest(graph: ir.Model, file: str, config: ModelConfig, target: str) -> dict:
+def _graph_manifest(graph: ir.Model, file: str, cache: KVLayout) -> dict:
     return {
         "file": file,
         "inputs": io_spec(graph.graph.inputs),
         "outputs": io_spec(graph.graph.outputs),
-        # Each present output is the same tensor as its past input: bind both to one buffer.
-        "aliases": dict(zip(io.cache_outputs(config.num_layers), io.cache_inputs(config.num_layers))),
+        "aliases": cache.aliases,
         "ops": sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in graph.graph}),
     }
 

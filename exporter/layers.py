@@ -22,7 +22,7 @@ import re
 import onnx_ir as ir
 
 from llmexport.model.config import ModelConfig
-
+from llmexport.runtime.bundle import kv
 from llmexport.runtime.bundle import names as io
 
 _SCOPE = re.compile(r"/net\.model\.layers\.(\d+): ")
@@ -64,7 +64,7 @@ def _repeat(traced: ir.Model, small: ModelConfig, kind_of: list[int]) -> ir.Mode
     layer_nodes = {j: [n for n in nodes if _layer(n) == j] for j in range(small.num_layers)}
     if any(not ns for ns in layer_nodes.values()):
         raise _Unexpected
-    present = set(io.cache_outputs(small.num_layers))
+    present = set(kv.cache_outputs(small.num_layers))
 
     # Each traced layer: the one value it hands on (its hidden state), and what it reads.
     hidden_out = {}
@@ -123,7 +123,7 @@ def _repeat(traced: ir.Model, small: ModelConfig, kind_of: list[int]) -> ir.Mode
             builder.clone(n, {}, "")
 
     phase = io.PREFILL if any(v.name == io.LOGITS_INDEX for v in graph.inputs) else io.DECODE
-    inputs = [builder.graph_input(name) for name in io.graph_inputs(num_layers, phase)]
+    inputs = [builder.graph_input(name) for name in kv.graph_inputs(num_layers, phase)]
     outputs = [builder.map[graph.outputs[0]]]
     for i, j in enumerate(kind_of):
         for ours, theirs in zip((io.present_key(i), io.present_value(i)), (io.present_key(j), io.present_value(j))):
@@ -159,7 +159,7 @@ class _Builder:
             return renames[old]
         if old.is_graph_input():
             name = old.name
-            if layer is not None and name in io.cache_inputs(layer[0] + 1):
+            if layer is not None and name in kv.cache_inputs(layer[0] + 1):
                 name = name.replace(f".{layer[0]}.", f".{layer[1]}.")
             return self.graph_input(name)
         if old.is_initializer():

@@ -37,6 +37,12 @@ _msft = onnxscript.values.Opset(MS_DOMAIN, 1)
 _llmexport = onnxscript.values.Opset(attention_function.DOMAIN, 1)
 
 
+def writes_cache_in_place(target: str) -> bool:
+    """Whether `target`'s graphs write new cache slots into the past buffer (the KV layout's
+    in_place): GroupQueryAttention shares past and present; the others return new tensors."""
+    return target == "ort"
+
+
 def check_target(target: str, dtype: str) -> None:
     if target not in TARGETS:
         raise LLMExportError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")

@@ -85,8 +85,8 @@ def _profile_shapes(bundle: Bundle, phase: str) -> dict[str, tuple[tuple[int, ..
     # logits at one position per row (the last token) unless scoring or checking proposals: every position
     picked = (1, 1, 1) if phase == io.DECODE else (1, 1, t)
     shapes[io.LOGITS_INDEX] = tuple((n, k) for n, k in zip(batch, picked))
-    for name in io.cache_inputs(bundle.num_layers):
-        shapes[name] = tuple(bundle.cache_shape(n) for n in batch)
+    for name in bundle.kv.inputs:
+        shapes[name] = tuple(bundle.kv.shape(n) for n in batch)
     return shapes
 
 

@@ -1,6 +1,6 @@
 """Trace the reference model on `meta` into one ONNX graph per phase (no weights touched).
 
-Inputs and outputs are runtime/bundle/names.py's graph_inputs/graph_outputs. Decode returns
+Inputs and outputs are runtime/bundle/kv.py's graph_inputs/graph_outputs. Decode returns
 each row's one new token's logits; prefill returns the logits at the positions the caller picks
 (`logits_index`: the last real token, or every position for scoring). Both return the updated
 caches. Prefill has dynamic batch, sequence and picked positions; decode has sequence fixed to
@@ -20,8 +20,9 @@ from llmexport import LLMExportError
 from llmexport.model.config import ModelConfig
 from llmexport.model.llama import LlamaModel
 from llmexport.model.weights import TORCH_DTYPES
-
+from llmexport.runtime.bundle import kv
 from llmexport.runtime.bundle import names as io
+
 from . import layers
 from .targets import translation_table
 
@@ -41,9 +42,8 @@ class _Decode(nn.Module):
         return self.run(input_ids, position_ids, seq_lens, caches, last)
 
     def run(self, input_ids, position_ids, seq_lens, caches, logits_index):
-        logits, k, v = self.net(input_ids, position_ids, seq_lens, list(caches[0::2]), list(caches[1::2]),
-                                logits_index)
-        return (logits, *(t for pair in zip(k, v) for t in pair))
+        logits, k, v = self.net(input_ids, position_ids, seq_lens, *kv.split(caches), logits_index)
+        return (logits, *kv.interleave(k, v))
 
 
 class _Prefill(_Decode):
@@ -74,8 +74,9 @@ def _trace(config: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, ph
     args = (torch.zeros(batch, seq, **meta), torch.zeros(batch, seq, **meta), torch.zeros(batch, **meta))
     if phase == io.PREFILL:
         args += (torch.zeros(batch, 3, **meta),)  # logits_index (B, K); K != S so neither is specialised to the other
-    cache_shape = (batch, config.num_kv_heads, max_seq_len, config.head_dim)
-    caches = tuple(torch.zeros(cache_shape, device="meta", dtype=TORCH_DTYPES[dtype]) for _ in range(2 * config.num_layers))
+    layout = kv.KVLayout.of(config, max_seq_len)
+    caches = tuple(torch.zeros(layout.shape(batch), device="meta", dtype=TORCH_DTYPES[dtype])
+                   for _ in range(layout.buffers))
     b = Dim(io.BATCH, min=1, max=max(max_batch, 2))
     token_dims = {0: b} if phase == io.DECODE else {0: b, 1: Dim(io.SEQUENCE, min=1, max=max_seq_len)}
     dynamic = {"input_ids": token_dims, "position_ids": token_dims, "seq_lens": {0: b},
@@ -87,8 +88,8 @@ def _trace(config: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, ph
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args + caches, dynamo=True, optimize=False, verbose=False, opset_version=OPSET,
-            dynamic_shapes=dynamic, input_names=io.graph_inputs(config.num_layers, phase),
-            output_names=io.graph_outputs(config.num_layers),
+            dynamic_shapes=dynamic, input_names=kv.graph_inputs(config.num_layers, phase),
+            output_names=kv.graph_outputs(config.num_layers),
             custom_translation_table=translation_table(target, config),
         )
     model = program.model
@@ -124,7 +125,7 @@ def _check_signature(model: ir.Model, config: ModelConfig, phase: str) -> None:
     """The traced graph must have exactly the I/O names and dynamic dims the manifest promises."""
     inputs = [v.name for v in model.graph.inputs]
     outputs = [v.name for v in model.graph.outputs]
-    if inputs != io.graph_inputs(config.num_layers, phase) or outputs != io.graph_outputs(config.num_layers):
+    if inputs != kv.graph_inputs(config.num_layers, phase) or outputs != kv.graph_outputs(config.num_layers):
         raise LLMExportError(f"internal: traced {phase} graph has unexpected I/O {inputs} -> {outputs}")
     ids = model.graph.inputs[0].shape
     want_seq = 1 if phase == io.DECODE else io.SEQUENCE

@@ -85,8 +85,18 @@ def test_the_bundle_format_depends_on_nothing_but_itself():
     assert bad == []
 
 
-def test_the_model_imports_neither_exporter_nor_runtime():
-    assert _violations("model", ("llmexport.exporter", "llmexport.runtime", "llmexport.benchmarks")) == []
+def test_the_model_imports_neither_exporter_nor_runtime_but_the_kv_layout():
+    """The model reads the bundle format's KV layout (standard library only, see the next test)
+    and nothing else of the runtime."""
+    kv = ("llmexport.runtime.bundle.kv", "llmexport.runtime.bundle.kv.KVLayout")
+    bad = _violations("model", ("llmexport.exporter", "llmexport.runtime", "llmexport.benchmarks"))
+    assert [b for b in bad if b.split(" imports ")[1] not in kv] == []
+
+
+def test_the_kv_layout_imports_only_the_standard_library_and_names():
+    """What the model imports of the format stays tiny and torch-free."""
+    own = {"llmexport.runtime.bundle", "llmexport.runtime.bundle.names"}
+    assert {n for n in imports_of(ROOT / "runtime/bundle/kv.py") if n.split(".")[0] not in _stdlib()} <= own
 
 
 def test_the_exporter_reads_and_writes_bundles_through_the_format_module():

@@ -108,17 +108,18 @@ class OnnxRuntimeBackend(Backend):
         self._takes_total = {phase: io.TOTAL_SEQ_LEN in names for phase, names in inputs.items()}
         # the prefill graph takes the positions whose logits it returns; decode.onnx has its one token's
         self._picks = {phase: io.LOGITS_INDEX in names for phase, names in inputs.items()}
-        layers = bundle.num_layers
-        sets = 1 if bundle.cache_in_place else 2
-        shape = bundle.cache_shape(self.cache_rows)
-        # _caches[s][2*i] is layer i's key buffer of set s, [2*i+1] its value buffer.
-        self._caches = [[self._zeros(shape) for _ in range(2 * layers)] for _ in range(sets)]
+        self._kv = bundle.kv
+        # One list of buffers per set, in the KV layout's order (kv.py): past and present share
+        # one set when the graphs write in place, else a step reads one set and writes the other.
+        shape = self._kv.shape(self.cache_rows)
+        sets = 1 if self._kv.in_place else 2
+        self._caches = [[self._zeros(shape) for _ in range(self._kv.buffers)] for _ in range(sets)]
         self._row_set = np.zeros(self.cache_rows, dtype=np.int64)  # the set holding each row's cache
         self._bindings: dict[tuple, object] = {}
         self._logits = np.empty((self.cache_rows, bundle.vocab_size), np.float32)  # bound by every uncaptured step
         self._graph_inputs: dict[int, dict[str, object]] = {}
         self._copier = None  # the device path's session of copy_row_graph, made on first use
-        self._row_bytes = int(np.prod(shape[1:])) * np.dtype(self._dtype).itemsize  # one row of one buffer
+        self._row_bytes = self._kv.row_elements * np.dtype(self._dtype).itemsize  # one row of one buffer
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -171,12 +172,11 @@ class OnnxRuntimeBackend(Backend):
         return current
 
     def _bind_caches(self, binding, rows: range, current: int) -> None:
-        layers = self.bundle.num_layers
         past = self._caches[current]
         present = self._caches[(current + 1) % len(self._caches)]
-        shape = self.bundle.cache_shape(len(rows))
+        shape = self._kv.shape(len(rows))
         offset = rows.start * self._row_bytes
-        for name, out_name, src, dst in zip(io.cache_inputs(layers), io.cache_outputs(layers), past, present):
+        for name, out_name, src, dst in zip(self._kv.inputs, self._kv.outputs, past, present):
             binding.bind_input(name, self.device, 0, self._element, shape, self._address(src) + offset)
             binding.bind_output(out_name, self.device, 0, self._element, shape, self._address(dst) + offset)
 
@@ -210,7 +210,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _bytes_shape(self) -> tuple[int, int, int, int]:
         """One cache row as bytes, (1, H, S, D * itemsize): the copy never needs the dtype."""
-        _, heads, slots, dim = self.bundle.cache_shape(1)
+        _, heads, slots, dim = self._kv.shape(1)
         return 1, heads, slots, dim * np.dtype(self._dtype).itemsize
 
     def _bind_tokens(self, binding, graph: bool, input_ids, position_ids, seq_lens, phase: str,

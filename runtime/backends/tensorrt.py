@@ -67,7 +67,7 @@ class TensorRTBackend(Backend):
         if src == dst or not length:
             return
         cudart = _cudart()
-        _, heads, slots, dim = self.bundle.cache_shape(1)
+        _, heads, slots, dim = self.bundle.kv.shape(1)
         pitch = slots * dim * self._itemsize  # one head's slots
         row = heads * pitch
         for address in self._caches:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
 from llmexport import LLMExportError
 
-from ..bundle import Bundle
+from ..bundle import Bundle, kv
 from ..bundle import names as io
 from ..bundle.quant import Scheme, stored_tensors, unpack
 from .base import Backend
@@ -102,12 +103,11 @@ class TorchBackend(Backend):
         dtype = dtype or bundle.dtype
         self.model = load_model(source or BundleSource(bundle), dtype=dtype, max_seq_len=bundle.max_seq_len,
                                 device=device)
-        shape = bundle.cache_shape(self.cache_rows)
-        if cache_len is not None:
-            shape = (*shape[:2], min(cache_len, bundle.max_seq_len), shape[3])
-        dtype = TORCH_DTYPES[dtype]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(bundle.num_layers)]
+        slots = bundle.max_seq_len if cache_len is None else min(cache_len, bundle.max_seq_len)
+        self._kv = replace(bundle.kv, max_seq_len=slots)
+        shape, dtype = self._kv.shape(self.cache_rows), TORCH_DTYPES[dtype]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self._kv.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self._kv.num_layers)]
 
     def close(self) -> None:
         """Drop the model, its captured graphs and the caches: the model's weights are views of
@@ -166,13 +166,12 @@ class TorchBackend(Backend):
         return out.cpu().numpy()
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
-        self.check_copy_row(src, dst, length, slots=self.k[0].shape[2] if self.k else None)
+        self.check_copy_row(src, dst, length, slots=self._kv.max_seq_len)
         for t in self.k + self.v:  # (B, H, S, D): in place, so captured graphs keep their addresses
             t[dst, :, :length] = t[src, :, :length]
 
     def cache_addresses(self) -> list[int]:
-        return [t.data_ptr() for t in self.k + self.v]
+        return [t.data_ptr() for t in kv.interleave(self.k, self.v)]
 
     def cache_arrays(self, rows: range, length: int | None = None) -> list[np.ndarray]:
-        pairs = [t for kv in zip(self.k, self.v) for t in kv]
-        return [t[rows.start: rows.stop, :, :length].float().cpu().numpy() for t in pairs]
+        return [t[rows.start: rows.stop, :, :length].float().cpu().numpy() for t in kv.interleave(self.k, self.v)]

@@ -1,6 +1,7 @@
 """Graph input/output names, named dims and tensor naming: the one place the ONNX export, the
 manifest, TensorRT profiles and the runtime take them from (names follow onnxruntime-genai's).
-Plain strings and arithmetic only (no imports), so every side of the format can use it."""
+The order of the cache inputs and outputs in a graph is the KV layout's (kv.py). Plain strings
+and arithmetic only (no imports), so every side of the format can use it."""
 
 INPUT_IDS = "input_ids"  # int64 (batch, sequence)
 POSITION_IDS = "position_ids"  # int64 (batch, sequence): the cache slot of each new token
@@ -43,23 +44,6 @@ def present_key(layer: int) -> str:
 
 def present_value(layer: int) -> str:
     return f"present.{layer}.value"
-
-
-def cache_inputs(num_layers: int) -> list[str]:
-    return [n for i in range(num_layers) for n in (past_key(i), past_value(i))]
-
-
-def cache_outputs(num_layers: int) -> list[str]:
-    return [n for i in range(num_layers) for n in (present_key(i), present_value(i))]
-
-
-def graph_inputs(num_layers: int, phase: str) -> list[str]:
-    picked = [LOGITS_INDEX] if phase == PREFILL else []
-    return [INPUT_IDS, POSITION_IDS, SEQ_LENS, *picked, *cache_inputs(num_layers)]
-
-
-def graph_outputs(num_layers: int) -> list[str]:
-    return [LOGITS, *cache_outputs(num_layers)]
 
 
 def transposed(name: str) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 from llmexport import LLMExportError
 
 from . import integrity, paths
+from .kv import KVLayout
 from .manifest import MANIFEST, read_manifest
 from .weights import check_index, map_weights
 
@@ -94,20 +95,25 @@ class Bundle:
     def vocab_size(self) -> int:
         return int(self.config["vocab_size"])
 
+    @cached_property
+    def kv(self) -> KVLayout:
+        """The KV cache layout: buffer shape, order, names, in place or not."""
+        return KVLayout.from_dict(self.manifest["cache"])
+
     @property
     def num_layers(self) -> int:
-        return int(self.manifest["cache"]["num_layers"])
+        return self.kv.num_layers
 
     @property
     def cache_in_place(self) -> bool:
-        return bool(self.manifest["cache"]["in_place"])
+        return self.kv.in_place
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return tuple(self.manifest.get("eos_token_ids") or ())
 
     def cache_shape(self, batch: int) -> tuple[int, ...]:
-        return (batch, *self.manifest["cache"]["shape"][1:])
+        return self.kv.shape(batch)
 
     def file(self, name: str) -> Path:
         """A file the manifest names; refused unless it resolves (after symlinks) inside the bundle."""

@@ -14,7 +14,7 @@ from llmexport.exporter.verify import verify_bundle
 from llmexport.model.kv_cache import KVCache
 from llmexport.model.weights import expected_shapes, load_model
 from llmexport.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from llmexport.runtime.bundle import Bundle
+from llmexport.runtime.bundle import Bundle, kv
 from llmexport.runtime.bundle import names as io
 
 FAMILIES = ["llama2", "llama3", "qwen2"]
@@ -145,7 +145,7 @@ def test_manifest_describes_the_graphs(bundle_factory):
     for phase, seq, logits in ((io.PREFILL, io.SEQUENCE, [io.BATCH, io.PICKED, 256]), (io.DECODE, 1, [io.BATCH, 256])):
         graph = m["graphs"][phase]
         inputs = {i["name"]: i for i in graph["inputs"]}
-        assert [i["name"] for i in graph["inputs"]] == [*io.graph_inputs(2, phase), io.TOTAL_SEQ_LEN]
+        assert [i["name"] for i in graph["inputs"]] == [*kv.graph_inputs(2, phase), io.TOTAL_SEQ_LEN]
         assert inputs[io.TOTAL_SEQ_LEN] == {"name": io.TOTAL_SEQ_LEN, "dtype": "int32", "shape": []}
         assert inputs[io.INPUT_IDS] == {"name": io.INPUT_IDS, "dtype": "int64", "shape": [io.BATCH, seq]}
         assert inputs[io.past_key(1)]["shape"] == [io.BATCH, 2, 64, 16]
