@@ -36,8 +36,11 @@ def token_logprobs(logits: np.ndarray, targets, top: int = 0) -> list[TokenLogpr
         best: tuple[tuple[int, float], ...] = ()
         if top:
             row = logits[i]
-            ids = np.argpartition(-row, top - 1)[:top] if top < len(row) else np.arange(len(row))
-            ids = ids[np.lexsort((ids, -row[ids]))]
+            if top < len(row):  # every id at least as likely as the top-th, so ties keep the lower ids
+                ids = np.flatnonzero(row >= row[np.argpartition(-row, top - 1)[top - 1]])
+            else:
+                ids = np.arange(len(row))
+            ids = ids[np.lexsort((ids, -row[ids]))][:top]
             best = tuple((int(t), float(row[t]) - float(norms[i])) for t in ids)
         out.append(TokenLogprob(int(target), float(chosen[i]), best))
     return out

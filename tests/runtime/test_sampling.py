@@ -154,3 +154,50 @@ def test_top_p_draws_follow_the_nucleus_weights():
         got = np.bincount([sampler(logits) for _ in range(n)], minlength=40) / n
         assert got[want == 0].sum() == 0, top_p
         assert np.abs(got - want).max() < 4 * np.sqrt(want.max() / n), (top_p, np.abs(got - want).max())
+
+
+def test_presence_and_frequency_penalties_follow_openai_on_generated_tokens_only():
+    """OpenAI: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, counting generated
+    tokens (the prompt is not penalised); then the temperature."""
+    rng = np.random.default_rng(2)
+    params = SamplingParams(presence_penalty=0.7, frequency_penalty=0.4)
+    for _ in range(50):
+        logits = rng.normal(size=300).astype(np.float32)
+        sampler = Sampler(params, seen=rng.integers(0, 300, size=20).tolist())  # a prompt: not penalised
+        out = rng.integers(0, 300, size=int(rng.integers(1, 40))).tolist()
+        for t in out:
+            sampler.generated(t)
+        ids, counts = np.unique(out, return_counts=True)
+        want = logits.astype(np.float64)
+        want[ids] -= counts * 0.4 + 0.7
+        assert sampler(logits) == int(np.argmax(want))
+
+
+def test_logit_bias_is_added_before_the_temperature():
+    logits = np.array([3.0, 2.0, 0.0, -1.0], dtype=np.float32)
+    assert Sampler(SamplingParams(logit_bias=((3, 4.5),)))(logits) == 3
+    assert _draws(SamplingParams(temperature=1.0, logit_bias=((0, -100.0), (1, -100.0))), logits=logits[None]) == {2, 3}
+
+
+def test_a_mask_keeps_every_draw_inside_it_even_far_below_the_top():
+    logits = np.array([0.0, -200.0, -300.0, 5.0], dtype=np.float32)
+
+    def mask(x):
+        x[[0, 3]] = -np.inf  # only the two tokens far below the (masked) top remain
+
+    for params in (SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.9),
+                   SamplingParams(temperature=1.0, top_k=3)):
+        sampler = Sampler(params, mask=mask)
+        assert {sampler(logits) for _ in range(100)} <= {1, 2}
+    assert logits[3] == 5.0  # the caller's row is left as it is
+
+
+def test_out_of_range_penalties_and_biases_are_refused():
+    import pytest
+
+    from llmexport import LLMExportError
+
+    for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"logit_bias": ((1, 101.0),)},
+                {"logprobs": 21}):
+        with pytest.raises(LLMExportError):
+            SamplingParams(**bad)
