@@ -211,7 +211,7 @@ def _apply(bitmask: np.ndarray, logits: np.ndarray) -> None:
 
 def _tokenizer_json(tokenizer: str | Path | Tokenizer) -> str:
     if isinstance(tokenizer, Tokenizer):
-        return tokenizer._tok.to_str()  # the wrapped `tokenizers` object, as tokenizer.json text
+        return tokenizer.to_json()
     try:
         return Path(tokenizer).read_text(encoding="utf-8")
     except OSError as e:

@@ -26,6 +26,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what llguidance reads, runtime/grammar.py)."""
+        return self._tok.to_str()
+
     def token_text(self, token_id: int) -> str:
         """One token's own text, special tokens included (OpenAI's `token` in logprobs); a piece
         of a multi-byte character comes out as U+FFFD."""
