@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from llmexport import LLMExportError
+from llmexport.runtime import defaults
 
 from .report import write_reports
 from .suite import _hardware, _versions
@@ -54,8 +55,8 @@ class ServeBenchConfig:
     threads: int = 2
     seed: int = 0
     host_batch: int = 16
-    prefill_chunk: int = 256
-    prefill_stall: float = 1.0
+    prefill_chunk: int = defaults.PREFILL_CHUNK
+    prefill_stall: float = defaults.PREFILL_STALL
     command: str = ""
 
 
@@ -74,7 +75,8 @@ def _free_port() -> int:
 class ServerProcess:
     """`llmexport serve` in a child process, up and answering /health, stopped with SIGTERM."""
 
-    def __init__(self, bundle: str, threads: int, prefill_chunk: int = 256, prefill_stall: float = 1.0):
+    def __init__(self, bundle: str, threads: int, prefill_chunk: int = defaults.PREFILL_CHUNK,
+                 prefill_stall: float = defaults.PREFILL_STALL):
         import httpx
 
         self.port = _free_port()

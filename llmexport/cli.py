@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmexport import LLMExportError
+from llmexport.runtime import defaults
 
 # Plain click help (rich_markup_mode=None): option names are never cut at 80 columns, and help text
 # is printed as written (rich markup would eat "[serve]"). Progress displays still use rich.
@@ -508,8 +509,8 @@ def bench_serve(
     prompt_tokens: str = typer.Option("16,128", help="Prompt lengths: uniform between these two."),
     max_tokens: int = typer.Option(64, min=1, help="New tokens per request (greedy, EOS ignored)."),
     threads: int = typer.Option(2, min=1, help="The server's CPU threads."),
-    prefill_chunk: int = typer.Option(256, min=1, help="The server's --prefill-chunk."),
-    prefill_stall: float = typer.Option(1.0, min=0.01, help="The server's --prefill-stall."),
+    prefill_chunk: int = typer.Option(defaults.PREFILL_CHUNK, min=1, help="The server's --prefill-chunk."),
+    prefill_stall: float = typer.Option(defaults.PREFILL_STALL, min=0.01, help="The server's --prefill-stall."),
     host_batch: int = typer.Option(16, min=1, help="Batch for the host-work-per-decode-step table."),
     seed: int = typer.Option(0, min=0),
     out: Path = typer.Option(BENCH_OUT, help=BENCH_OUT_HELP),
@@ -535,6 +536,36 @@ def bench_serve(
     with _progress(bar=False) as status:
         task = status.add_task("benchmarking", total=None)
         result = run_serve_benchmark(config, progress=lambda message: status.update(task, description=message))
+    paths = write(result, out, name)
+    console.print(markdown(result))
+    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command("bench-reuse")
+def bench_reuse(
+    bundle: Path = typer.Option(..., help="Bundle with a chat template, max_seq_len >= 2048 and max_batch >= 16 "
+                                          "for the defaults."),
+    threads: int = typer.Option(2, min=1, help="CPU threads."),
+    system_tokens: int = typer.Option(1000, min=1, help="Length of the shared system prompt."),
+    turns: int = typer.Option(6, min=2, help="Turns of the chat."),
+    clients: int = typer.Option(8, min=1, help="Requests arriving together that share the system prompt."),
+    host_batch: int = typer.Option(16, min=1, help="Batch for the host work with a JSON-schema mask."),
+    out: Path = typer.Option(BENCH_OUT, help=BENCH_OUT_HELP),
+    name: Optional[str] = typer.Option(None, help="Report file name (default: BUNDLE_DIR_NAME-reuse)."),
+) -> None:
+    """Measure what prompt reuse saves.
+
+    With reuse on and off in one run: time to first token of each turn of a multi-turn chat; prompt tokens computed for clients
+    sharing a system prompt; host work per decode step with a JSON-schema mask."""
+    from llmexport.benchmarks.prompt_reuse import ReuseBenchConfig, markdown, run_reuse_benchmark, write
+    from llmexport.benchmarks.report import check_name
+
+    name = check_name(name or f"{bundle.resolve().name}-reuse")
+    config = ReuseBenchConfig(str(bundle), threads, system_tokens, turns, clients=clients, host_batch=host_batch,
+                              command="llmexport " + " ".join(sys.argv[1:]))
+    with _progress(bar=False) as status:
+        task = status.add_task("benchmarking", total=None)
+        result = run_reuse_benchmark(config, progress=lambda message: status.update(task, description=message))
     paths = write(result, out, name)
     console.print(markdown(result))
     console.print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -566,12 +597,17 @@ def bench_kernels(
 def serve(
     bundle: Path = typer.Option(..., help="Bundle directory."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8000, min=0, max=65535),
-    max_queue: int = typer.Option(64, min=0, help="Waiting requests beyond which new ones get 429 at once."),
-    prefill_chunk: int = typer.Option(256, min=1, help="At most this many prompt tokens prefilled per iteration "
-                                                       "while others decode."),
-    prefill_stall: float = typer.Option(1.0, min=0.01, help="And about as many as take this many decode steps' "
-                                                            "time (inter-token latency vs time to first token)."),
+    port: int = typer.Option(defaults.SERVE_PORT, min=0, max=65535),
+    max_queue: int = typer.Option(defaults.SERVE_MAX_QUEUE, min=0,
+                                  help="Waiting requests beyond which new ones get 429 at once."),
+    prefill_chunk: int = typer.Option(defaults.PREFILL_CHUNK, min=1,
+                                      help="At most this many prompt tokens prefilled per iteration while others "
+                                           "decode."),
+    prefill_stall: float = typer.Option(defaults.PREFILL_STALL, min=0.01,
+                                        help="And about as many as take this many decode steps' time (inter-token "
+                                             "latency vs time to first token)."),
+    prompt_reuse: bool = typer.Option(defaults.PROMPT_REUSE, "--prompt-reuse/--no-prompt-reuse",
+                                      help="Keep finished requests' KV rows for prompts that start the same way."),
     model_name: Optional[str] = typer.Option(None, help="The model id clients pass (default: the bundle's model)."),
     shutdown_timeout: float = typer.Option(30.0, min=0, help="On SIGTERM, seconds in-flight requests get to finish."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
@@ -586,7 +622,7 @@ def serve(
 
     print(f"serving {bundle} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
     run(str(bundle), host, port, backend=backend, device=device, threads=threads, max_queue=max_queue,
-        prefill_chunk=prefill_chunk, prefill_stall=prefill_stall, model_name=model_name,
+        prefill_chunk=prefill_chunk, prefill_stall=prefill_stall, prompt_reuse=prompt_reuse, model_name=model_name,
         shutdown_timeout=shutdown_timeout)
 
 
