@@ -17,8 +17,8 @@ import onnx
 import onnx_ir as ir
 import torch
 from onnx_ir.passes import common as common_passes
-from onnxscript.optimizer._constant_folding import FoldConstantsPass
-from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, RewritePass
+from onnxscript.optimizer import fold_constants_ir
+from onnxscript.rewriter import rewrite
 from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
@@ -209,13 +209,7 @@ def _optimize(model: ir.Model, target: str) -> ir.Model:
     inline = [common_passes.InlinePass()] if target != "tensorrt" else []
     cleanup = ir.passes.Sequential(
         *inline,
-        ir.passes.PassManager([
-            FoldConstantsPass(shape_inference=True, input_size_limit=MAX_FOLDED_ELEMENTS,
-                              output_size_limit=MAX_FOLDED_ELEMENTS,
-                              should_fold=should_fold),
-            RewritePass(_DEFAULT_REWRITE_RULES),
-            common_passes.RemoveUnusedNodesPass(),
-        ], steps=2, early_stop=True),
+        ir.passes.PassManager([_FoldAndRewrite(should_fold)], steps=2, early_stop=False),
         common_passes.CommonSubexpressionEliminationPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedFunctionsPass(),
@@ -231,6 +225,22 @@ def _optimize(model: ir.Model, target: str) -> ir.Model:
     return model
 
 
+class _FoldAndRewrite(ir.passes.InPlacePass):
+    """onnxscript's constant folding (small results only, never a node that reads a weight), then
+    its default rewrite rules, through their public functions. Run twice: a rewrite can make
+    more constants foldable (a second round of an unchanged graph changes nothing)."""
+
+    def __init__(self, should_fold: Callable[[ir.Node], bool | None]):
+        super().__init__()
+        self.should_fold = should_fold
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        folded = fold_constants_ir(model, onnx_shape_inference=True, input_size_limit=MAX_FOLDED_ELEMENTS,
+                                   output_size_limit=MAX_FOLDED_ELEMENTS, should_fold=self.should_fold)
+        rewrite(model)  # the default rules; also removes what they leave unused
+        return ir.passes.PassResult(model, modified=folded.modified)
+
+
 def _total_seq_len_input(model: ir.Model) -> None:
     """GroupQueryAttention's total_sequence_length from a graph input (int32 scalar, fed on the
     host) instead of Cast(ReduceMax(seq_lens)): ONNX Runtime's CUDA kernel reads it on the host, so
@@ -240,7 +250,7 @@ def _total_seq_len_input(model: ir.Model) -> None:
     model.graph.inputs.append(total)
     for node in model.graph:
         if node.op_type == "GroupQueryAttention":
-            node.replace_input_with(6, total)
+            node.replace_input_with(io.GQA_TOTAL_SEQ_LEN_INPUT, total)
 
 
 def _check_weights_kept(graph: ir.Model, names: set[str], phase: str) -> None:

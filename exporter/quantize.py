@@ -83,12 +83,11 @@ def check_quant(quant: QuantConfig, target: str, dtype: str) -> None:
         raise LLMExportError(f"--quant-skip {','.join(sorted(unknown))}: only {', '.join(SKIPPABLE)} can be skipped")
 
 
-def stored_names(checkpoint: str, scheme: Scheme) -> dict[str, str]:
-    """weights.bin names of a quantized checkpoint weight, by role."""
-    names = {"codes": f"{checkpoint}.q{scheme.bits}", "scales": f"{checkpoint}.scales"}
-    if scheme.shift:
-        names[scheme.shift] = f"{checkpoint}.{scheme.shift}"
-    return names
+def stored_names(checkpoint: str, scheme: Scheme, rows: bool = False) -> dict[str, str]:
+    """weights.bin names of a quantized checkpoint weight, by role (`rows`: with the rows view
+    a gather reads)."""
+    roles = ["codes", "scales", *([scheme.shift] if scheme.shift else []), *(["rows"] if rows else [])]
+    return {role: io.quantized(checkpoint, role, scheme.bits) for role in roles}
 
 
 def quantize_graph(model: ir.Model, config: ModelConfig, quant: QuantConfig, dtype: ir.DataType,
@@ -126,10 +125,9 @@ def quantize_graph(model: ir.Model, config: ModelConfig, quant: QuantConfig, dty
             continue
         scheme = quant.scheme(role, target)
         check_block(scheme.block_size, k, checkpoint)
-        names = stored_names(checkpoint, scheme)
+        names = stored_names(checkpoint, scheme, rows=bool(gathers))
         roles = shapes(n, k, scheme)
         if gathers:
-            names["rows"] = names["codes"] + ".rows"
             roles["rows"] = (n, k * scheme.bits // 8)
         if len(gathers) == len(users):  # only gathered: the graphs read the rows view alone
             roles.pop("codes")

@@ -19,6 +19,7 @@ LOGITS = "logits"
 # graph (its value is baked into the capture). A graph input rather than ReduceMax(seq_lens) so
 # no device-to-host copy sits in the graph (onnxruntime-genai derives it from a shape likewise).
 TOTAL_SEQ_LEN = "total_seq_len"
+GQA_TOTAL_SEQ_LEN_INPUT = 6  # the input of GroupQueryAttention (total_sequence_length) it feeds
 
 BATCH = "batch"
 SEQUENCE = "sequence"
@@ -44,6 +45,14 @@ def present_key(layer: int) -> str:
 
 def present_value(layer: int) -> str:
     return f"present.{layer}.value"
+
+
+def quantized(checkpoint: str, role: str, bits: int) -> str:
+    """The weights.bin name of one stored tensor of quantized checkpoint weight `checkpoint`, by
+    role (bundle/quant.py ROLES): `{checkpoint}.q{bits}` for the codes, `.q{bits}.rows` for the
+    rows view of the same bytes, `.scales`, `.offsets`, `.zero_points`."""
+    codes = f"{checkpoint}.q{bits}"
+    return {"codes": codes, "rows": f"{codes}.rows"}.get(role, f"{checkpoint}.{role}")
 
 
 def transposed(name: str) -> str:

@@ -157,7 +157,7 @@ def test_manifest_describes_the_graphs(bundle_factory):
     # GroupQueryAttention's total_sequence_length is the host-fed input, not computed on the device
     # (a device-to-host copy would make the graph uncapturable as a CUDA graph)
     attention = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
-    assert attention and all(n.input[6] == io.TOTAL_SEQ_LEN for n in attention)
+    assert attention and all(n.input[io.GQA_TOTAL_SEQ_LEN_INPUT] == io.TOTAL_SEQ_LEN for n in attention)
     assert not any(n.op_type == "ReduceMax" for n in proto.graph.node)
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [io.BATCH, 1]
