@@ -84,8 +84,8 @@ class Engine:
                       # prompt tokens of admitted requests: found in a row's cache, or computed
                       "prompt_tokens": 0, "reused_prompt_tokens": 0, "row_copies": 0,
                       # iterations that only decoded: their wall time and the part inside the compute
-                      # library (backend.graph_s); the rest is host work (binding, sampling, streaming)
-                      "decode_iterations": 0, "decode_iteration_s": 0.0, "decode_graph_s": 0.0}
+                      # library (backend.run_s); the rest is host work (binding, sampling, streaming)
+                      "decode_iterations": 0, "decode_iteration_s": 0.0, "decode_run_s": 0.0}
         self.listeners: list[Callable[[str, Request], None]] = []  # ("first_token"|"token"|"finish", request)
 
     # -- submitting ---------------------------------------------------------------------------
@@ -221,13 +221,13 @@ class Engine:
             while self._stepping:
                 self._cond.wait()
             self._stepping = True
-        started, graph, calls = time.perf_counter(), self.backend.graph_s, self.stats["prefill_calls"]
+        started, ran, calls = time.perf_counter(), self.backend.run_s, self.stats["prefill_calls"]
         try:
             self._iteration()
-            if self.stats["prefill_calls"] == calls and self.backend.graph_s != graph:
+            if self.stats["prefill_calls"] == calls and self.backend.run_s != ran:
                 self.stats["decode_iterations"] += 1
                 self.stats["decode_iteration_s"] += time.perf_counter() - started
-                self.stats["decode_graph_s"] += self.backend.graph_s - graph
+                self.stats["decode_run_s"] += self.backend.run_s - ran
         except Exception as e:  # noqa: BLE001  (a bug outside the backend call: fail what runs, keep the engine)
             with self._cond:
                 for request in list(self.running.values()):
@@ -356,39 +356,17 @@ class Engine:
             return None
 
     def _sampled(self, request: Request, logits: np.ndarray) -> None:
-        """Sample, record, stop and stream one request's next token from its logits (V,)."""
+        """Sample one request's next token from its logits (V,), then record and stream it."""
         try:
-            token = request.sampler(logits)
-            if request.matcher is not None:
-                request.matcher.accept(token)
+            token, logprob = request.sample(logits)
         except LLMExportError as e:  # the grammar and the model disagree: this request fails, not the batch
             with self._cond:
                 request.error = str(e)
                 self._finish(request, "error")
             return
-        logprob = None
-        if request.params.logprobs is not None:
-            logprob = token_logprobs(logits[None], (token,), request.params.logprobs)[0]
-            request.logprobs.append(logprob)
-        request.sampler.generated(token)
-        request.tokens.append(token)
-        request.token_times.append(time.perf_counter())
-        text = request.text.push(token)
-        if token in request.eos:
-            reason = "eos"
-        elif request.text.stopped:
-            reason = "stop"
-        elif len(request.tokens) >= request.params.max_new_tokens:
-            reason = "length"
-        elif request.filled >= self.max_seq_len:  # no cache slot left to decode this token into
-            reason = "max_seq_len"
-        else:
-            reason = None
-        if reason:
-            text += request.text.flush()
+        text, reason = request.record(token, logprob, self.max_seq_len)
         with self._cond:
             self.stats["generated_tokens"] += 1
-            request.state, request.pending = State.DECODING, token
             for listener in self.listeners:
                 listener("first_token" if len(request.tokens) == 1 else "token", request)
             self._deliver(request, TokenEvent(request.index, token, text, reason, logprob))

@@ -4,9 +4,16 @@ temperature, penalties or masks (what vLLM returns by default)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .request import TokenLogprob
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float | None  # None: nothing predicts it (a prompt's first token)
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens at that position, most likely first
 
 
 def log_normalisers(logits: np.ndarray, block: int = 32) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from llmexport import LLMExportError
 
+from .logprobs import TokenLogprob, token_logprobs
 from .sampling import Sampler, SamplingParams
 from .tokenizer import TextStream
 
@@ -34,13 +35,6 @@ class State(enum.Enum):
     PREFILLING = "prefilling"  # holds a row; prompt tokens left to feed
     DECODING = "decoding"  # `pending` is the next token to feed (the last prompt token, or the last sampled)
     FINISHED = "finished"  # finish_reason says why; its row is free
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens at that position, most likely first
 
 
 @dataclass(frozen=True)
@@ -130,6 +124,39 @@ class Request:
         finally:
             if not self.done:
                 self.cancel()
+
+    def sample(self, logits):
+        """The next token from this request's logits (V,) (its grammar's mask, penalties and
+        bias applied by its sampler), and its log-probability when asked for."""
+        token = self.sampler(logits)
+        if self.matcher is not None:
+            self.matcher.accept(token)
+        logprob = None
+        if self.params.logprobs is not None:
+            logprob = token_logprobs(logits[None], (token,), self.params.logprobs)[0]
+        return token, logprob
+
+    def record(self, token: int, logprob: TokenLogprob | None, max_seq_len: int) -> tuple[str, str | None]:
+        """Keep a sampled token (the next decode input): its text delta, and why the request stops
+        here (eos, stop, length, max_seq_len) or None."""
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        self.sampler.generated(token)
+        self.tokens.append(token)
+        self.token_times.append(time.perf_counter())
+        self.state, self.pending = State.DECODING, token
+        text = self.text.push(token)
+        if token in self.eos:
+            reason = "eos"
+        elif self.text.stopped:
+            reason = "stop"
+        elif len(self.tokens) >= self.params.max_new_tokens:
+            reason = "length"
+        elif self.filled >= max_seq_len:  # no cache slot left to decode this token into
+            reason = "max_seq_len"
+        else:
+            return text, None
+        return text + self.text.flush(), reason
 
     def deliver(self, event: TokenEvent) -> None:
         """Under the engine's lock: to the sink, else to the request's own queue."""

@@ -30,7 +30,7 @@ class Backend(ABC):
         if threads is not None and threads < 1:
             raise LLMExportError(f"threads={threads} must be at least 1 (or unset for the library's default)")
         self.threads = threads
-        self.graph_s = 0.0  # seconds spent inside the compute library's run calls (the engine's host-work figure)
+        self.run_s = 0.0  # seconds spent inside the compute library's run calls (the engine's host-work figure)
 
     @abstractmethod
     def step(self, phase: str, input_ids: np.ndarray, position_ids: np.ndarray, seq_lens: np.ndarray,

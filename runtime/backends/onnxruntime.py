@@ -95,7 +95,7 @@ class OnnxRuntimeBackend(Backend):
         self.name = f"onnxruntime-{device}"
         self._dtype = NUMPY_DTYPES[bundle.dtype]  # host view (uint16 for bfloat16)
         self._element = BFLOAT16 if bundle.dtype == "bfloat16" else self._dtype  # what ONNX Runtime is told
-        self._graph = cuda_graph  # decode under a gpu_graph_id, its inputs at fixed addresses
+        self._capture = cuda_graph  # decode captured as CUDA graphs: under a gpu_graph_id, inputs at fixed addresses
         # The host path hands ONNX Runtime views of the memory map; the device path lets it read weights.bin.
         self._weights = {} if self.device_path else ort_weights(bundle)
         self._sessions = {PREFILL: self._session(PREFILL)}
@@ -117,7 +117,7 @@ class OnnxRuntimeBackend(Backend):
         self._row_set = np.zeros(self.cache_rows, dtype=np.int64)  # the set holding each row's cache
         self._bindings: dict[tuple, object] = {}
         self._logits = np.empty((self.cache_rows, bundle.vocab_size), np.float32)  # bound by every uncaptured step
-        self._graph_inputs: dict[int, dict[str, object]] = {}
+        self._captured_inputs: dict[int, dict[str, object]] = {}
         self._copier = None  # the device path's session of copy_row_graph, made on first use
         self._row_bytes = self._kv.row_elements * np.dtype(self._dtype).itemsize  # one row of one buffer
 
@@ -126,7 +126,7 @@ class OnnxRuntimeBackend(Backend):
     def _session(self, phase: str):
         return create_session(self.bundle, self._weights, self.bundle.graph_path(phase), device=self.device,
                               threads=self.threads, prepack=self._prepack,
-                              cuda_graph=self._graph and self.device == "cuda")
+                              cuda_graph=self._capture and self.device == "cuda")
 
     def _zeros(self, shape):
         if self.device_path:  # ONNX Runtime's allocation on the device, filled once from the host
@@ -213,15 +213,15 @@ class OnnxRuntimeBackend(Backend):
         _, heads, slots, dim = self._kv.shape(1)
         return 1, heads, slots, dim * np.dtype(self._dtype).itemsize
 
-    def _bind_tokens(self, binding, graph: bool, input_ids, position_ids, seq_lens, phase: str,
+    def _bind_tokens(self, binding, captured: bool, input_ids, position_ids, seq_lens, phase: str,
                      logits_at) -> None:
         feeds = {io.INPUT_IDS: input_ids, io.POSITION_IDS: position_ids, io.SEQ_LENS: seq_lens}
         if self._picks[phase]:  # by default each row's last real token
             feeds[io.LOGITS_INDEX] = io.logits_index(seq_lens, position_ids)[:, None] if logits_at is None else logits_at
         if self._takes_total[phase]:  # read on the host; a captured step bakes it: there, the capacity
-            total = self.bundle.max_seq_len if graph else int(np.max(seq_lens))
+            total = self.bundle.max_seq_len if captured else int(np.max(seq_lens))
             binding.bind_cpu_input(io.TOTAL_SEQ_LEN, np.array(total, dtype=np.int32))
-        if not graph:
+        if not captured:
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
             return
@@ -233,19 +233,19 @@ class OnnxRuntimeBackend(Backend):
 
     def _fixed(self, batch: int) -> dict[str, object]:
         """One device buffer per graph input and the logits, per decode batch size, allocated once."""
-        if batch not in self._graph_inputs:
+        if batch not in self._captured_inputs:
             ort = _ort()
             value = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)  # noqa: E731
             picks = self._picks[DECODE]  # the prefill graph's session runs decode on the device path
-            self._graph_inputs[batch] = {io.INPUT_IDS: value((batch, 1), np.int64),
+            self._captured_inputs[batch] = {io.INPUT_IDS: value((batch, 1), np.int64),
                                          io.POSITION_IDS: value((batch, 1), np.int64),
                                          io.SEQ_LENS: value((batch,), np.int64),
                                          **({io.LOGITS_INDEX: value((batch, 1), np.int64)} if picks else {}),
                                          io.LOGITS: value((batch, *(1,) * picks, self.bundle.vocab_size),
                                                           np.float32)}
-        return self._graph_inputs[batch]
+        return self._captured_inputs[batch]
 
-    def graph_id(self, rows: range, current: int) -> int:
+    def capture_id(self, rows: range, current: int) -> int:
         """The gpu_graph_id of decode over `rows` from cache set `current`: 1, 2, ... (0 is ONNX
         Runtime's own default id)."""
         return 1 + 2 * (len(rows) * self.cache_rows + rows.start) + current
@@ -255,14 +255,14 @@ class OnnxRuntimeBackend(Backend):
         self.check_logits_at(phase, input_ids, logits_at)
         ort = _ort()
         current = self._settle(rows) if len(self._caches) == 2 else 0
-        graph = self._graph and phase == DECODE
+        captured = self._capture and phase == DECODE
         picked = logits_at is not None
         key = (phase, rows.start, len(rows), current, picked)
         binding = self._bindings.get(key)
         vocab = self.bundle.vocab_size
         if binding is None:  # made once per key: later steps rebind only the token inputs
             binding = self._bindings[key] = self._sessions[phase].io_binding()
-            if graph:  # bound first: output 0
+            if captured:  # bound first: output 0
                 binding.bind_ortvalue_output(io.LOGITS, self._fixed(len(rows))[io.LOGITS])
             elif not picked:  # the first len(rows) rows of one host buffer: no allocation per run
                 shape = (len(rows), *(1,) * self._picks[phase], vocab)
@@ -271,24 +271,24 @@ class OnnxRuntimeBackend(Backend):
         if picked:  # a fresh (B, K, V) array per run: its size changes with K, and the caller keeps it
             out = np.empty((len(rows), logits_at.shape[1], vocab), np.float32)
             binding.bind_output(io.LOGITS, "cpu", 0, np.float32, out.shape, out.ctypes.data)
-        self._bind_tokens(binding, graph, input_ids, position_ids, seq_lens, phase, logits_at)
+        self._bind_tokens(binding, captured, input_ids, position_ids, seq_lens, phase, logits_at)
         options = ort.RunOptions()
-        if self._graph:  # one captured graph per (window, cache set), each with its own fixed addresses;
+        if self._capture:  # one captured graph per (window, cache set), each with its own fixed addresses;
             # -1: this run is not captured (prefill shares the session on the device path)
-            options.add_run_config_entry("gpu_graph_id", str(self.graph_id(rows, current) if graph else -1))
+            options.add_run_config_entry("gpu_graph_id", str(self.capture_id(rows, current) if captured else -1))
         started = time.perf_counter()
         try:
             self._sessions[phase].run_with_iobinding(binding, options)
         except Exception as e:  # onnxruntime raises untyped errors
             raise LLMExportError(f"onnxruntime failed running {phase}: {str(e).strip().splitlines()[-1]}") from None
         finally:
-            self.graph_s += time.perf_counter() - started
+            self.run_s += time.perf_counter() - started
         if len(self._caches) == 2:
             self._row_set[rows.start: rows.stop] = 1 - current
         if picked:
             return out
         # logits only (the caches stay where they are); every binding writes the same buffer
-        logits = self._logits[: len(rows)] if not graph else binding.get_outputs()[0].numpy().reshape(len(rows), vocab)
+        logits = self._logits[: len(rows)] if not captured else binding.get_outputs()[0].numpy().reshape(len(rows), vocab)
         return logits.copy() if copy else logits
 
     def close(self) -> None:

@@ -136,7 +136,7 @@ class TorchBackend(Backend):
                 return self._replay(inputs, rows)
             return self._forward(*inputs, rows, None if logits_at is None else to(logits_at)).cpu().numpy()
         finally:
-            self.graph_s += time.perf_counter() - started
+            self.run_s += time.perf_counter() - started
 
     def _replay(self, inputs, rows):
         """Decode through a CUDA graph captured per (first row, batch): fixed addresses throughout."""

@@ -3,7 +3,8 @@ formats, usage. Pure functions of what the engine produced."""
 
 from __future__ import annotations
 
-from ..request import Request, TokenLogprob
+from ..logprobs import TokenLogprob
+from ..request import Request
 from ..tokenizer import Tokenizer
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "max_seq_len": "length", "scored": "length"}

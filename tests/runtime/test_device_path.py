@@ -40,16 +40,16 @@ def test_device_path_on_cpu_gives_the_host_paths_tokens(bundle_factory, target, 
         assert _tokens(Engine(backend)) == want
         assert backend.cache_addresses() == addresses
         if graph:  # decode ran on fixed input buffers, one set per window size
-            assert set(backend._graph_inputs) <= {1, 2, 4}
+            assert set(backend._captured_inputs) <= {1, 2, 4}
     finally:
         backend.close()
 
 
-def test_graph_ids_are_distinct_per_window_and_cache_set(bundle_factory):
+def test_capture_ids_are_distinct_per_window_and_cache_set(bundle_factory):
     bundle_dir, _ = bundle_factory("llama3", "portable")
     backend = OnnxRuntimeBackend(Bundle.open(bundle_dir), "cpu", device_path=True, cuda_graph=True)
     try:
-        ids = [backend.graph_id(range(start, start + n), s) for n in (1, 2, 4) for start in range(0, 5 - n)
+        ids = [backend.capture_id(range(start, start + n), s) for n in (1, 2, 4) for start in range(0, 5 - n)
                for s in (0, 1)]
         assert len(set(ids)) == len(ids) and min(ids) >= 1
     finally:

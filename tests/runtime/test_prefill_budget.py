@@ -51,7 +51,7 @@ def test_the_engine_prefills_a_long_prompt_in_budget_sized_chunks_while_others_d
     bundle_dir, _ = bundle_factory("llama3", "ort")
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     long_prompt = list(range(3, 43))
-    with Session(bundle_dir) as session:
+    with Session(bundle_dir, prompt_reuse=False) as session:  # every prompt computed, not found in a row
         alone = [session.generate([p], params).token_ids[0] for p in ([5, 6, 7], long_prompt)]
         engine, real = session.engine, session.backend.step
         engine.prefill_budget.tokens = lambda: 7
@@ -79,7 +79,7 @@ def test_while_others_decode_an_iteration_makes_at_most_one_prefill_call(bundle_
     bundle_dir, _ = bundle_factory("llama3", "ort")
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     prompts = [[5, 6, 7], list(range(3, 33)), list(range(40, 75))]
-    with Session(bundle_dir, prefill_chunk=64) as session:
+    with Session(bundle_dir, prefill_chunk=64, prompt_reuse=False) as session:  # every prompt computed
         alone = [session.generate([p], params).token_ids[0] for p in prompts]
         engine, real = session.engine, session.backend.step
         engine.prefill_budget.tokens = lambda: 25
