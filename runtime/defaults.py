@@ -7,3 +7,4 @@ PROMPT_REUSE = True  # a finished request's row keeps its tokens for the next pr
 SERVE_MAX_QUEUE = 64  # requests a server lets wait for a row before answering 429
 SERVE_PORT = 8000
 TOP_LOGPROBS_MAX = 20  # OpenAI's limit on top_logprobs (completions' logprobs: 5)
+SPECULATIVE_TOKENS = 5  # proposals a speculative step verifies (runtime/speculation.py)

@@ -42,6 +42,7 @@ from .prefill_budget import PrefillBudget
 from .request import Request, State, TokenEvent, TokenLogprob
 from .sampling import SamplingParams
 from .scheduler import Chunk, Scheduler
+from .speculation import SpeculationConfig, SpeculationCost
 from .tokenizer import Tokenizer
 
 __all__ = ["Engine", "QueueFull", "Request", "State", "TokenEvent", "TokenLogprob"]
@@ -56,12 +57,14 @@ class Engine:
 
     def __init__(self, backend, tokenizer: Tokenizer | None = None, *, eos_token_ids: Sequence[int] = (),
                  max_queue: int | None = None, prefill_chunk: int = defaults.PREFILL_CHUNK,
-                 prefill_stall: float = defaults.PREFILL_STALL, prompt_reuse: bool = defaults.PROMPT_REUSE):
+                 prefill_stall: float = defaults.PREFILL_STALL, prompt_reuse: bool = defaults.PROMPT_REUSE,
+                 speculation: SpeculationConfig | None = None):
         """max_queue: requests that may wait for a row (beyond the free rows) before submit raises
         QueueFull (None: no limit; 0: only what the free rows take).
         prefill_chunk: at most this many prompt tokens are prefilled per iteration while other
         requests decode; prefill_stall: and about as many as take this many decode steps' time
-        (runtime/prefill_budget.py). prompt_reuse: see runtime/kv_rows.py."""
+        (runtime/prefill_budget.py). prompt_reuse: see runtime/kv_rows.py. speculation: propose
+        tokens and verify them in one call where that is faster (runtime/speculation.py)."""
         if prefill_chunk < 1:
             raise LLMExportError(f"prefill_chunk={prefill_chunk} must be at least 1")
         self.backend, self.tokenizer = backend, tokenizer
@@ -73,6 +76,8 @@ class Engine:
         self.prefill_budget = PrefillBudget(prefill_chunk, prefill_stall)
         self.rows = KVRows(backend.cache_rows, self.max_seq_len, prompt_reuse)
         self.scheduler = Scheduler(self.rows, self.vocab_size)
+        self.speculation = speculation
+        self.speculation_cost = SpeculationCost()
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # by row, in admission order
         self._ids = itertools.count()
@@ -83,6 +88,8 @@ class Engine:
         self.stats = {"decode_steps": 0, "prefill_calls": 0, "generated_tokens": 0,
                       # prompt tokens of admitted requests: found in a row's cache, or computed
                       "prompt_tokens": 0, "reused_prompt_tokens": 0, "row_copies": 0,
+                      # speculative decoding: verification calls, tokens proposed and accepted
+                      "speculative_calls": 0, "proposed_tokens": 0, "accepted_tokens": 0,
                       # iterations that only decoded: their wall time and the part inside the compute
                       # library (backend.run_s); the rest is host work (binding, sampling, streaming)
                       "decode_iterations": 0, "decode_iteration_s": 0.0, "decode_run_s": 0.0}
@@ -255,7 +262,9 @@ class Engine:
         for group in self.scheduler.prefill(running, budget):
             self._run_prefill(group)
         decoding = [r for r in self.running.values() if r.decoding]
-        if decoding:
+        if decoding and self.speculation is not None:
+            self._decode_or_verify(decoding)
+        elif decoding:
             self._decode(decoding)
         with self._cond:  # cancelled during this iteration: free the rows before the next
             self._reap()
@@ -326,9 +335,10 @@ class Engine:
         window = self.scheduler.decode_window(decoding)
         ids = np.zeros((window, 1), dtype=np.int64)
         positions = np.zeros((window, 1), dtype=np.int64)
+        stepping = {r.row: r for r in decoding}
         for row in range(window):
-            request = self.running.get(row)
-            if request is not None and request.decoding:
+            request = stepping.get(row)
+            if request is not None:
                 positions[row, 0], ids[row, 0] = request.filled, request.pending
             else:  # idle: a dummy token at a slot nothing reads
                 positions[row, 0] = self.rows.spare_slot(row)
@@ -336,12 +346,65 @@ class Engine:
         logits = self._call(decoding, io.DECODE, ids, positions, positions[:, 0] + 1, range(window))
         if logits is None:
             return
-        self.prefill_budget.decoded(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.prefill_budget.decoded(took)
+        if self.speculation is not None:
+            self.speculation_cost.decoded(window, took)
         self.stats["decode_steps"] += 1
         for r in decoding:
             self.rows.wrote(r.row, r.filled, (r.pending,))
             r.filled += 1
             self._sampled(r, logits[r.row])
+
+    def _decode_or_verify(self, decoding: list[Request]) -> None:
+        """Verify each row that has proposals in a call of its own, or decode every row in one
+        step, whichever the measured costs say gives more tokens per second
+        (runtime/speculation.py)."""
+        proposals = {}
+        for r in decoding:
+            k = min(self.speculation.tokens, r.params.max_new_tokens - len(r.tokens) - 1,
+                    self.max_seq_len - r.filled - 1)
+            if k >= 1 and r.lookup is not None:
+                found = r.lookup.propose(k)
+                if found:
+                    proposals[r.row] = found
+        idle = [r for r in decoding if r.row not in proposals]
+        window = self.scheduler.decode_window(decoding)
+        if not proposals or not self.speculation_cost.worth_it(
+                window, [(self.running[row].acceptance.rate, len(p)) for row, p in proposals.items()],
+                len(idle), self.scheduler.decode_window(idle) if idle else 0):
+            self._decode(decoding)
+            return
+        for row, proposed in proposals.items():
+            self._verify(self.running[row], proposed)
+        if idle:
+            self._decode(idle)
+
+    def _verify(self, request: Request, proposed: list[int]) -> None:
+        """Feed the pending token and the proposals in one call, then sample position by position
+        while the sampled token equals the proposal; the row keeps only the fed tokens that were
+        kept (the rest lie past its length, unread until overwritten)."""
+        start, fed = request.filled, [request.pending, *proposed]
+        n = len(fed)
+        started = time.perf_counter()
+        logits = self._call([request], io.PREFILL, np.array([fed], dtype=np.int64),
+                            np.arange(start, start + n, dtype=np.int64)[None], np.array([start + n]),
+                            range(request.row, request.row + 1), np.arange(n, dtype=np.int64)[None])
+        if logits is None:
+            return
+        self.speculation_cost.verified(n, time.perf_counter() - started)
+        accepted = 0
+        for i in range(n):
+            request.filled = start + i + 1  # fed[0..i] are this row's tokens now
+            self.rows.wrote(request.row, start, fed[: i + 1])
+            self._sampled(request, logits[0, i])
+            if request.done or i == n - 1 or request.pending != proposed[i]:
+                break
+            accepted += 1
+        request.acceptance.update(len(proposed), accepted)
+        self.stats["speculative_calls"] += 1
+        self.stats["proposed_tokens"] += len(proposed)
+        self.stats["accepted_tokens"] += accepted
 
     def _call(self, requests, phase, ids, positions, lengths, rows, logits_at=None):
         """backend.step; a failure finishes `requests` with the error and leaves the engine running."""

@@ -24,6 +24,7 @@ from llmexport import LLMExportError
 
 from .logprobs import TokenLogprob, token_logprobs
 from .sampling import Sampler, SamplingParams
+from .speculation import Acceptance, PromptLookup
 from .tokenizer import TextStream
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ class Request:
         self.error: str | None = None
         self.cancelled = False
         self.matcher = matcher  # runtime/grammar.py Matcher: the tokens its grammar allows next
+        speculation = engine.speculation
+        self.lookup = PromptLookup(speculation, prompt) if speculation is not None and not score else None
+        self.acceptance = Acceptance()
         self.sampler = Sampler(params, prompt, mask=matcher.mask_logits if matcher is not None else None)
         self.text = TextStream(engine.tokenizer, params.stop)
         self.events: deque[TokenEvent] = deque()
@@ -142,6 +146,8 @@ class Request:
         if logprob is not None:
             self.logprobs.append(logprob)
         self.sampler.generated(token)
+        if self.lookup is not None:
+            self.lookup.extend((token,))
         self.tokens.append(token)
         self.token_times.append(time.perf_counter())
         self.state, self.pending = State.DECODING, token

@@ -22,6 +22,7 @@ from .chat import ChatTemplate, Message
 from . import defaults
 from .engine import Engine, TokenEvent
 from .sampling import SamplingParams
+from .speculation import SpeculationConfig
 from .tokenizer import Tokenizer
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
@@ -75,16 +76,20 @@ class Session:
     def __init__(self, bundle_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                  cuda_graph: bool | None = None, threads: int | None = None, check_integrity: bool = False,
                  reference=None, max_queue: int | None = None, prefill_chunk: int = defaults.PREFILL_CHUNK,
-                 prefill_stall: float = defaults.PREFILL_STALL, prompt_reuse: bool = defaults.PROMPT_REUSE):
+                 prefill_stall: float = defaults.PREFILL_STALL, prompt_reuse: bool = defaults.PROMPT_REUSE,
+                 speculative: str | None = None, speculative_tokens: int = defaults.SPECULATIVE_TOKENS):
         """`check_integrity`: hash every bundle file against the manifest before loading (sizes,
         paths and the manifest's own digest are checked on every open). `reference`: see
-        create_backend. `max_queue`, `prefill_chunk`, `prefill_stall`, `prompt_reuse`: see Engine."""
+        create_backend. `max_queue`, `prefill_chunk`, `prefill_stall`, `prompt_reuse`: see Engine.
+        `speculative`: "ngram" proposes tokens by prompt lookup and verifies up to
+        `speculative_tokens` of them per call where that is faster (runtime/speculation.py)."""
         self.bundle = Bundle.open(bundle_dir, check_integrity=check_integrity)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_path) if self.bundle.tokenizer_path else None
         self.backend = create_backend(self.bundle, backend, device, cuda_graph, threads, reference)
         self.engine = Engine(self.backend, self.tokenizer, eos_token_ids=self.bundle.eos_token_ids,
                              max_queue=max_queue, prefill_chunk=prefill_chunk, prefill_stall=prefill_stall,
-                             prompt_reuse=prompt_reuse)
+                             prompt_reuse=prompt_reuse,
+                             speculation=SpeculationConfig(speculative, speculative_tokens) if speculative else None)
         self.last_timings: dict = {}
         self._chat_template: ChatTemplate | None = None
         self._grammars = None
