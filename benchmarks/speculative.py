@@ -1,0 +1,172 @@
+"""`llmexport bench-speculative`: decode tokens/s with speculative decoding (prompt lookup)
+against plain decoding, batch 1, greedy, in one run on one bundle.
+
+Workloads (benchmarks/data/):
+- code edit: 10 functions of 40-80 lines from CPython's standard library
+  (`code-edit-functions.json`), each given to the model with the request to return it with the
+  function renamed and nothing else changed: the answer copies most of the prompt, where prompt
+  lookup pays;
+- stories: 10 requests for short stories (`story-prompts.txt`): little to copy, where
+  speculation must not cost (the measured-cost switch falls back to plain decoding).
+
+Each prompt runs with speculation off and on; greedy outputs must be identical (counted).
+Decode tokens/s is (tokens - 1) / (time from the first token to the last), per prompt; the
+table gives the medians and the ratio of summed tokens over summed decode time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .report import write_reports
+from .suite import _hardware, _versions
+
+DATA = Path(__file__).parent / "data"
+
+
+@dataclass
+class SpeculativeBenchConfig:
+    bundle: str
+    threads: int = 2
+    tokens: int = 5  # proposals per verification
+    code_tokens: int = 200  # new tokens per code prompt
+    story_tokens: int = 128
+    prompts: int = 10
+    command: str = ""
+
+
+def code_prompts(n: int) -> list[list[dict]]:
+    functions = json.loads((DATA / "code-edit-functions.json").read_text())[:n]
+    return [[{"role": "user", "content": f"Rename the function `{f['function']}` to `{f['function']}_v2` and change "
+                                         f"nothing else. Reply with the whole function in a Python code block and "
+                                         f"nothing else.\n\n```python\n{f['code']}\n```"}] for f in functions]
+
+
+def story_prompts(n: int) -> list[list[dict]]:
+    lines = [line.strip() for line in (DATA / "story-prompts.txt").read_text().splitlines() if line.strip()]
+    return [[{"role": "user", "content": line}] for line in lines[:n]]
+
+
+def _run(session, conversations: list[list[dict]], max_tokens: int) -> list[dict]:
+    from llmexport.runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_tokens)
+    rows = []
+    for messages in conversations:
+        ids = session.render_chat(messages)
+        stats = dict(session.engine.stats)
+        times, tokens = [], []
+        for event in session.stream([ids], params):
+            if event.token_id is not None:
+                times.append(time.perf_counter())
+                tokens.append(event.token_id)
+        after = session.engine.stats
+        rows.append({"prompt_tokens": len(ids), "tokens": tokens, "decode_s": times[-1] - times[0],
+                     "decode_tokens_per_s": (len(tokens) - 1) / (times[-1] - times[0]) if len(tokens) > 1 else None,
+                     "proposed": after["proposed_tokens"] - stats["proposed_tokens"],
+                     "accepted": after["accepted_tokens"] - stats["accepted_tokens"],
+                     "verifications": after["speculative_calls"] - stats["speculative_calls"]})
+    return rows
+
+
+def _summary(plain: list[dict], fast: list[dict]) -> dict:
+    tokens = lambda rows: sum(len(r["tokens"]) - 1 for r in rows)  # noqa: E731
+    seconds = lambda rows: sum(r["decode_s"] for r in rows)  # noqa: E731
+    proposed = sum(r["proposed"] for r in fast)
+    return {
+        "plain_tokens_per_s": tokens(plain) / seconds(plain),
+        "speculative_tokens_per_s": tokens(fast) / seconds(fast),
+        "speedup": (tokens(fast) / seconds(fast)) / (tokens(plain) / seconds(plain)),
+        "median_speedup": statistics.median(f["decode_tokens_per_s"] / p["decode_tokens_per_s"]
+                                            for p, f in zip(plain, fast) if p["decode_tokens_per_s"]),
+        "acceptance": sum(r["accepted"] for r in fast) / proposed if proposed else None,
+        "tokens_per_verification": (sum(r["accepted"] for r in fast) + sum(r["verifications"] for r in fast))
+                                   / max(1, sum(r["verifications"] for r in fast)),
+        "identical_outputs": sum(p["tokens"] == f["tokens"] for p, f in zip(plain, fast)),
+        "prompts": len(plain),
+    }
+
+
+def run_speculative_benchmark(config: SpeculativeBenchConfig, progress=lambda message: None) -> dict:
+    from llmexport.runtime.session import Session
+
+    workloads = {"code edit": (code_prompts(config.prompts), config.code_tokens),
+                 "stories": (story_prompts(config.prompts), config.story_tokens)}
+    runs: dict = {name: {} for name in workloads}
+    for speculative in (None, "ngram"):
+        with Session(config.bundle, threads=config.threads, speculative=speculative,
+                     speculative_tokens=config.tokens, prompt_reuse=False) as session:
+            session.generate([[1, 2, 3]])  # warm-up
+            for name, (conversations, max_tokens) in workloads.items():
+                progress(f"{name}, speculation {'on' if speculative else 'off'}")
+                runs[name]["on" if speculative else "off"] = _run(session, conversations, max_tokens)
+            model, dtype = session.bundle.manifest["model"]["name"], session.bundle.dtype
+    return {"command": config.command, "config": asdict(config), "hardware": _hardware("cpu"),
+            "versions": _versions(), "model": model, "dtype": dtype, "runs": runs,
+            "summary": {name: _summary(r["off"], r["on"]) for name, r in runs.items()}}
+
+
+def markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = [f"`{result['command']}`", "",
+             f"{result['model']} {result['dtype']}, batch 1, greedy, threads {cfg['threads']}, "
+             f"{cfg['tokens']} proposals per verification; {result['hardware']['processor']} "
+             f"({result['hardware']['cpus']} cpus)", "",
+             "| workload | plain tokens/s | speculative tokens/s | speed-up (summed) | median speed-up | acceptance "
+             "| tokens per verification | identical outputs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, s in result["summary"].items():
+        acceptance = f"{100 * s['acceptance']:.0f}%" if s["acceptance"] is not None else "-"
+        lines.append(f"| {name} | {s['plain_tokens_per_s']:.2f} | {s['speculative_tokens_per_s']:.2f} | "
+                     f"{s['speedup']:.2f}x | {s['median_speedup']:.2f}x | {acceptance} | "
+                     f"{s['tokens_per_verification']:.2f} | {s['identical_outputs']}/{s['prompts']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["summary"])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    plain = [result["summary"][n]["plain_tokens_per_s"] for n in names]
+    fast = [result["summary"][n]["speculative_tokens_per_s"] for n in names]
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], plain, 0.4, label="plain")
+    ax.bar([i + 0.2 for i in x], fast, 0.4, label="prompt lookup")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("decode tokens/s, batch 1")
+    ax.set_title(result["model"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(result: dict, out_dir: str | Path, name: str) -> dict[str, Path]:
+    return write_reports(result, out_dir, name, markdown=markdown, plot=plot)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--name", default="speculative")
+    args = parser.parse_args()
+    found = run_speculative_benchmark(SpeculativeBenchConfig(args.bundle, args.threads, args.tokens,
+                                                             prompts=args.prompts, command=" ".join(sys.argv)),
+                                      progress=lambda m: print(m, flush=True))
+    print(markdown(found))
+    write(found, args.out, args.name)
