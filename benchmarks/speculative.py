@@ -9,7 +9,8 @@ Workloads (benchmarks/data/):
 - stories: 10 requests for short stories (`story-prompts.txt`): little to copy, where
   speculation must not cost (the measured-cost switch falls back to plain decoding).
 
-Each prompt runs with speculation off and on; greedy outputs must be identical (counted).
+Each prompt runs with speculation off, then on (two sessions open side by side, so a drifting
+load weighs on both); greedy outputs must be identical (counted).
 Decode tokens/s is (tokens - 1) / (time from the first token to the last), per prompt; the
 table gives the medians and the ratio of summed tokens over summed decode time.
 """
@@ -96,15 +97,20 @@ def run_speculative_benchmark(config: SpeculativeBenchConfig, progress=lambda me
 
     workloads = {"code edit": (code_prompts(config.prompts), config.code_tokens),
                  "stories": (story_prompts(config.prompts), config.story_tokens)}
-    runs: dict = {name: {} for name in workloads}
-    for speculative in (None, "ngram"):
-        with Session(config.bundle, threads=config.threads, speculative=speculative,
-                     speculative_tokens=config.tokens, prompt_reuse=False) as session:
+    runs: dict = {name: {"off": [], "on": []} for name in workloads}
+    # both sessions open at once and each prompt run off then on, so a load that drifts during
+    # the run weighs on both sides alike
+    with Session(config.bundle, threads=config.threads, prompt_reuse=False) as plain, \
+            Session(config.bundle, threads=config.threads, speculative="ngram", speculative_tokens=config.tokens,
+                    prompt_reuse=False) as fast:
+        for session in (plain, fast):
             session.generate([[1, 2, 3]])  # warm-up
-            for name, (conversations, max_tokens) in workloads.items():
-                progress(f"{name}, speculation {'on' if speculative else 'off'}")
-                runs[name]["on" if speculative else "off"] = _run(session, conversations, max_tokens)
-            model, dtype = session.bundle.manifest["model"]["name"], session.bundle.dtype
+        for name, (conversations, max_tokens) in workloads.items():
+            for i, messages in enumerate(conversations):
+                progress(f"{name}: prompt {i + 1} of {len(conversations)}")
+                runs[name]["off"] += _run(plain, [messages], max_tokens)
+                runs[name]["on"] += _run(fast, [messages], max_tokens)
+        model, dtype = plain.bundle.manifest["model"]["name"], plain.bundle.dtype
     return {"command": config.command, "config": asdict(config), "hardware": _hardware("cpu"),
             "versions": _versions(), "model": model, "dtype": dtype, "runs": runs,
             "summary": {name: _summary(r["off"], r["on"]) for name, r in runs.items()}}
