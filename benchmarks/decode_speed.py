@@ -23,7 +23,7 @@ def measure(bundle: str, threads: int, prompt_len: int, new_tokens: int, batches
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     row = {}
     with Session(bundle, threads=threads) as session:
-        row["weight_bytes"] = stored_weight_bytes(session.bundle.manifest["weights"]["tensors"])
+        row["weight_bytes"] = stored_weight_bytes(session.bundle)
         for batch in batches:
             prompts = [np.random.default_rng(i).integers(3, 1000, prompt_len).tolist() for i in range(batch)]
             session.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from llmexport.runtime.bundle import Bundle
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -85,9 +87,9 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def stored_weight_bytes(tensors: dict) -> int:
-    """Bytes a bundle's weight index (manifest `weights.tensors`) stores for the model, packed
-    codes, scales and offsets included: each byte range once (an alias, the tied table's
-    `rows` view, names the same bytes), the rope tables left out."""
-    return sum(length for _, length in {(t["offset"], t["length"]) for n, t in tensors.items()
-                                        if not n.startswith("rope_")})
+def stored_weight_bytes(bundle: Bundle) -> int:
+    """Bytes a bundle's weight index stores for the model, packed codes, scales and offsets
+    included: each byte range once (an alias, the tied table's `rows` view, names the same
+    bytes), the rope tables left out."""
+    tensors = bundle.manifest.weights.tensors
+    return sum(length for _, length in {(t.offset, t.length) for n, t in tensors.items() if not n.startswith("rope_")})

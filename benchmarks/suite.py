@@ -8,7 +8,6 @@ fraction is floor / measured.
 
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import subprocess
@@ -22,6 +21,7 @@ import numpy as np
 
 import llmexport
 from llmexport import LLMExportError
+from llmexport.runtime.bundle import Bundle
 
 from .measure import cuda_read_bandwidth, host_read_bandwidth, rss_bytes, stored_weight_bytes, timed
 from .genai import GenaiRunner, default_python
@@ -93,8 +93,8 @@ def _export(config: BenchConfig, progress: Progress, quant: str | None = None) -
     if config.bundle and quant:
         raise LLMExportError("--quant variants are exported by the benchmark: pass --model, not --bundle")
     if config.bundle:
-        manifest = json.loads((Path(config.bundle) / "manifest.json").read_text())
-        return Path(config.bundle), {"export_s": manifest["export"]["seconds"], "export_peak_rss_bytes": None,
+        seconds = Bundle.open(config.bundle).manifest.export.seconds
+        return Path(config.bundle), {"export_s": seconds, "export_peak_rss_bytes": None,
                                      "note": "existing bundle: export time from its manifest"}
     limit = model_limit(config.model)
     if config.max_seq_len > limit:
@@ -119,7 +119,6 @@ def _export(config: BenchConfig, progress: Progress, quant: str | None = None) -
 def _runners(config: BenchConfig, bundle: Path, quantized: dict[str, Path]) -> list:
     """Every backend, each on the bundle's own weights so all run exactly the same model; then
     ONNX Runtime on each quantized variant, and onnxruntime-genai built from the same checkpoint."""
-    from llmexport.runtime.bundle import Bundle
     from llmexport.runtime.backends.torch import BundleSource
 
     gpu, threads = config.device == "cuda", config.threads
@@ -137,7 +136,7 @@ def _runners(config: BenchConfig, bundle: Path, quantized: dict[str, Path]) -> l
         MissingRunner("tensorrt", "TensorRT is not installed (and no TensorRT backend in this version)"),
     ]
     for quant, path in quantized.items():
-        stored = stored_weight_bytes(json.loads((path / "manifest.json").read_text())["weights"]["tensors"])
+        stored = stored_weight_bytes(Bundle.open(path))
         runners.append(BundleRunner(f"onnxruntime-cpu {quant}", path, "onnxruntime", "cpu", threads=threads,
                                     weight_bytes=stored))
         if gpu:

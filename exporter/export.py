@@ -28,7 +28,10 @@ from llmexport.model.config import ModelConfig, check_dtype
 from llmexport.model.weights import ModelSource, open_source
 from llmexport.runtime.bundle import KVLayout, read_json
 from llmexport.runtime.bundle import names as io
-from llmexport.runtime.bundle.manifest import write_manifest
+from llmexport.runtime.bundle.manifest import (ChatFiles, ExportRecord, Generation, GraphRecord, Limits, Manifest,
+                                               ModelRecord, TensorSpec, write_manifest)
+from llmexport.runtime.bundle.quant import Quantization
+from llmexport.runtime.bundle.weights import WeightIndex
 from llmexport.runtime.bundle.writer import check_out_dir, staging
 from llmexport.runtime.generation_config import eos_token_ids, sampling_defaults
 
@@ -130,32 +133,30 @@ def export_bundle(
             graph_files[phase] = _graph_manifest(graph, path.name, cache)
         progress("optimize", 2, 2)
         side = _copy_side_files(source, tmp)
-        files = [*(g["file"] for g in graph_files.values()), io.WEIGHTS_FILE, *source.side_files()]
-        write_manifest(tmp, {
-            "llmexport_version": llmexport.__version__,
-            "model": {"name": source.name, "config": config.to_dict(), "seed": None if source.checkpoint_dir else seed},
-            "dtype": dtype,
-            "target": target,
-            "limits": {"max_batch": max_batch, "max_seq_len": max_seq_len},
-            "bos_token_id": config.bos_token_id,
+        files = [*(g.file for g in graph_files.values()), io.WEIGHTS_FILE, *source.side_files()]
+        write_manifest(tmp, Manifest(
+            llmexport_version=llmexport.__version__,
+            model=ModelRecord(source.name, config.to_dict(), None if source.checkpoint_dir else seed),
+            dtype=dtype,
+            target=target,
+            limits=Limits(max_batch, max_seq_len),
+            bos_token_id=config.bos_token_id,
             **side,
-            "cache": cache.to_dict(dtype),
-            "quantization": None if quant is None else {
-                "method": quant.method, "accuracy_level": quant.accuracy_level, "layout": layout(target),
-                "tensors": quantized[io.PREFILL]},
-            "weights": {"file": io.WEIGHTS_FILE, "bytes": (tmp / io.WEIGHTS_FILE).stat().st_size,
-                        "tensors": {n: e.to_dict() for n, e in sorted(entries.items())}},
-            "graphs": graph_files,
-            "engines": {},
-            "export": {"seconds": round(time.perf_counter() - started, 3), "torch": torch.__version__,
-                       "onnx": onnx.__version__, "opset": graphs[io.PREFILL].opset_imports.get("", None)},
-        }, files)
+            cache=cache,
+            quantization=None if quant is None else Quantization(quant.method, quant.accuracy_level, layout(target),
+                                                                 quantized[io.PREFILL]),
+            weights=WeightIndex(io.WEIGHTS_FILE, (tmp / io.WEIGHTS_FILE).stat().st_size, dict(sorted(entries.items()))),
+            graphs=graph_files,
+            engines={},
+            export=ExportRecord(round(time.perf_counter() - started, 3), torch.__version__, onnx.__version__,
+                                graphs[io.PREFILL].opset_imports.get("", None)),
+        ), files)
     return out
 
 
 def _copy_side_files(source: ModelSource, bundle_dir: Path) -> dict:
     """Copy the checkpoint's tokenizer, chat template and generation config into the bundle;
-    returns the manifest fields naming them. EOS ids: generation_config.json's (what transformers'
+    returns the Manifest fields naming them. EOS ids: generation_config.json's (what transformers'
     generate stops on), then config.json's."""
     files = source.side_files()
     for name, path in files.items():
@@ -167,11 +168,11 @@ def _copy_side_files(source: ModelSource, bundle_dir: Path) -> dict:
     eos = dict.fromkeys(eos_token_ids(generation) + source.config.eos_token_ids)
     present = lambda name: name if name in files else None  # noqa: E731
     return {
-        "eos_token_ids": list(eos),
+        "eos_token_ids": tuple(eos),
         "tokenizer": present("tokenizer.json"),
-        "chat": {"template": present("chat_template.jinja"), "tokenizer_config": present("tokenizer_config.json"),
-                 "special_tokens_map": present("special_tokens_map.json")},
-        "generation": {"file": present("generation_config.json"), "defaults": sampling_defaults(generation)},
+        "chat": ChatFiles(present("chat_template.jinja"), present("tokenizer_config.json"),
+                          present("special_tokens_map.json")),
+        "generation": Generation(present("generation_config.json"), sampling_defaults(generation)),
     }
 
 
@@ -179,20 +180,15 @@ _DTYPE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir
                 ir.DataType.INT64: "int64", ir.DataType.INT32: "int32"}
 
 
-def io_spec(values) -> list[dict]:
-    """[{name, dtype, shape}] with symbolic dims as strings."""
-    return [{"name": v.name, "dtype": _DTYPE_NAMES[v.dtype],
-             "shape": [d if isinstance(d, int) else str(d) for d in v.shape]} for v in values]
+def io_spec(values) -> tuple[TensorSpec, ...]:
+    """Graph inputs or outputs as the manifest records them, symbolic dims as strings."""
+    return tuple(TensorSpec(v.name, _DTYPE_NAMES[v.dtype], tuple(d if isinstance(d, int) else str(d) for d in v.shape))
+                 for v in values)
 
 
-def _graph_manifest(graph: ir.Model, file: str, cache: KVLayout) -> dict:
-    return {
-        "file": file,
-        "inputs": io_spec(graph.graph.inputs),
-        "outputs": io_spec(graph.graph.outputs),
-        "aliases": cache.aliases,
-        "ops": sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in graph.graph}),
-    }
+def _graph_manifest(graph: ir.Model, file: str, cache: KVLayout) -> GraphRecord:
+    return GraphRecord(file, io_spec(graph.graph.inputs), io_spec(graph.graph.outputs), cache.aliases,
+                       tuple(sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in graph.graph})))
 
 
 def _optimize(model: ir.Model, target: str) -> ir.Model:

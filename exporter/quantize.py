@@ -29,7 +29,7 @@ import onnx_ir as ir
 from llmexport import LLMExportError
 from llmexport.model.config import ModelConfig
 from llmexport.runtime.bundle import names as io
-from llmexport.runtime.bundle.quant import BITS, DEQUANTIZE, MATMULNBITS, Scheme, check_block, shapes
+from llmexport.runtime.bundle.quant import BITS, DEQUANTIZE, MATMULNBITS, QuantizedWeight, Scheme, check_block, shapes
 
 from .contrib_schemas import MS_DOMAIN
 from .weights_file import placeholder
@@ -91,12 +91,11 @@ def stored_names(checkpoint: str, scheme: Scheme, rows: bool = False) -> dict[st
 
 
 def quantize_graph(model: ir.Model, config: ModelConfig, quant: QuantConfig, dtype: ir.DataType,
-                   target: str = "ort") -> dict[str, dict]:
+                   target: str = "ort") -> dict[str, QuantizedWeight]:
     """Replace each float MatMul of a linear weight by MatMulNBits (`ort`) or by MatMul of a
     blocked DequantizeLinear (other targets), and on `ort` the embedding's Gather by
-    GatherBlockQuantized, over their packed tensors. Returns the manifest's per-weight record:
-    {checkpoint name: {bits, block_size, symmetric, layout, search, integer_zero_point, codes, scales,
-    offsets, zero_points, rows, shape}}.
+    GatherBlockQuantized, over their packed tensors. Returns the manifest's per-weight records
+    by checkpoint name.
     Other targets keep the embedding float (no standard op gathers packed int4 rows), and so a
     tied table (read by both) too."""
     graph, dequantize = model.graph, layout(target) == DEQUANTIZE
@@ -164,8 +163,7 @@ def quantize_graph(model: ir.Model, config: ModelConfig, quant: QuantConfig, dty
                                                       scheme.block_size, k, block_sums)
             _replace(graph, node, replacement)
         graph.initializers.pop(value.name)
-        record[checkpoint] = {**scheme.to_dict(), "offsets": None, "zero_points": None, "rows": None, **names,
-                              "shape": [n, k]}
+        record[checkpoint] = QuantizedWeight(scheme, (n, k), **names)
     if not dequantize:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     return record

@@ -14,13 +14,14 @@ parser imports the function body (correct, unfused).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from llmexport import LLMExportError
 from llmexport.runtime.backends.tensorrt import import_tensorrt
 from llmexport.runtime.bundle import Bundle
 from llmexport.runtime.bundle import names as io
-from llmexport.runtime.bundle.manifest import update_manifest
+from llmexport.runtime.bundle.manifest import EngineRecord, update_manifest
 
 ENGINE_DIR = "engines"
 
@@ -68,10 +69,9 @@ def build_tensorrt(bundle_dir: str | Path, *, optimization_level: int = 3, works
     engine_path = out / "tensorrt.plan"
     engine_path.write_bytes(bytes(plan))
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    _record(bundle, {"file": f"{ENGINE_DIR}/tensorrt.plan", "timing_cache": f"{ENGINE_DIR}/tensorrt.timing",
-                     "profiles": {io.PREFILL: 0, io.DECODE: 1}, "tensorrt": trt.__version__,
-                     "optimization_level": optimization_level,
-                     "plugin_library": str(plugin_library) if plugin_library else None})
+    _record(bundle, EngineRecord(f"{ENGINE_DIR}/tensorrt.plan", f"{ENGINE_DIR}/tensorrt.timing",
+                                 {io.PREFILL: 0, io.DECODE: 1}, trt.__version__, optimization_level,
+                                 str(plugin_library) if plugin_library else None))
     return engine_path
 
 
@@ -90,7 +90,7 @@ def _profile_shapes(bundle: Bundle, phase: str) -> dict[str, tuple[tuple[int, ..
     return shapes
 
 
-def _record(bundle: Bundle, engine: dict) -> None:
+def _record(bundle: Bundle, engine: EngineRecord) -> None:
     """Add the engine (and its hashes) to manifest.json atomically, through the format module."""
-    engines = {**bundle.manifest.get("engines", {}), "tensorrt": engine}
-    update_manifest(bundle.path, bundle.manifest, {"engines": engines}, [engine["file"], engine["timing_cache"]])
+    manifest = replace(bundle.manifest, engines={**bundle.manifest.engines, "tensorrt": engine})
+    update_manifest(bundle.path, manifest, new_files=[engine.file, engine.timing_cache])

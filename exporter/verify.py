@@ -113,7 +113,7 @@ def reference_source(bundle_dir, model) -> ModelSource:
     that model: the reference then runs its weights instead of the bundle's weights.bin, so a
     weight damaged or changed after export shows up (`verify --model`)."""
     bundle = Bundle.open(bundle_dir)
-    source = open_source(model, bundle.manifest["model"].get("seed") or 0)
+    source = open_source(model, bundle.manifest.model.seed or 0)
     theirs, ours = source.config.to_dict(), ModelConfig.from_dict(bundle.config).to_dict()
     differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
     if differ:

@@ -22,7 +22,7 @@ from llmexport import LLMExportError
 from llmexport.model.rope import rope_tables
 from llmexport.model.weights import TORCH_DTYPES, ModelSource
 from llmexport.runtime.bundle import names as io
-from llmexport.runtime.bundle.quant import Scheme, pack
+from llmexport.runtime.bundle.quant import QuantizedWeight, pack
 from llmexport.runtime.bundle.weights import NUMPY_DTYPES, WeightEntry, WeightWriter
 
 IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16,
@@ -55,26 +55,26 @@ def fold_weight_transposes(model: ir.Model) -> None:
 
 def write_weights(source: ModelSource, dtype: str, max_seq_len: int, wanted: Iterable[str], path: Path,
                   on_tensor: Callable[[str], None] = lambda name: None,
-                  quantized: dict[str, dict] | None = None) -> dict[str, WeightEntry]:
+                  quantized: dict[str, QuantizedWeight] | None = None) -> dict[str, WeightEntry]:
     """Stream every tensor in `wanted` (graph initializer names) into `path`; the checkpoint
-    weights in `quantized` (quantize.quantize_graph's record) are packed on the way, each with
+    weights in `quantized` (quantize.quantize_graph's records) are packed on the way, each with
     the scheme its record names."""
     wanted, quantized = set(wanted), quantized or {}
     by_source = {io.checkpoint_name(n)[0]: n for n in wanted}
     with WeightWriter(path) as writer:
         for name, tensor in _tensors(source, "float32" if quantized else dtype, max_seq_len):
             if name in quantized:
-                roles = quantized[name]
-                scheme = Scheme.from_dict(roles)
-                packed = pack(tensor.numpy(), scheme, NUMPY_DTYPES[dtype])
-                for role, data in zip(("codes", "scales", scheme.shift), packed):
+                weight = quantized[name]
+                packed = pack(tensor.numpy(), weight.scheme, NUMPY_DTYPES[dtype])
+                for role, data in zip(("codes", "scales", weight.scheme.shift), packed):
                     if data is not None:
-                        writer.add(roles[role], data, data.shape, "uint8" if str(data.dtype) == "uint8" else dtype)
-                        on_tensor(roles[role])
-                if roles.get("rows"):  # the same bytes, as the [rows, packed columns] table a gather reads
-                    codes = writer.entries[roles["codes"]].shape
-                    writer.alias(roles["rows"], roles["codes"], (codes[0], codes[1] * codes[2]))
-                    on_tensor(roles["rows"])
+                        stored = getattr(weight, role)
+                        writer.add(stored, data, data.shape, "uint8" if str(data.dtype) == "uint8" else dtype)
+                        on_tensor(stored)
+                if weight.rows:  # the same bytes, as the [rows, packed columns] table a gather reads
+                    codes = writer.entries[weight.codes].shape
+                    writer.alias(weight.rows, weight.codes, (codes[0], codes[1] * codes[2]))
+                    on_tensor(weight.rows)
                 continue
             if name not in by_source:
                 continue

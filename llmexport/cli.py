@@ -203,12 +203,12 @@ def _check_integrity(bundle: Path, workers: Optional[int]) -> None:
 
     start = time.perf_counter()
     opened = Bundle.open(bundle)
+    files = opened.manifest.integrity.files
     with _progress(bar=False) as spinner:
-        spinner.add_task(f"hashing {len(opened.manifest['integrity']['files'])} files", total=None)
+        spinner.add_task(f"hashing {len(files)} files", total=None)
         opened.check_integrity(workers)
-    record = opened.manifest["integrity"]
-    total = sum(f["bytes"] for f in record["files"].values())
-    console.print(f"{bundle}: {len(record['files'])} files, {total / 2**30:.2f} GiB, every sha256 matches "
+    total = sum(f.bytes for f in files.values())
+    console.print(f"{bundle}: {len(files)} files, {total / 2**30:.2f} GiB, every sha256 matches "
                   f"({time.perf_counter() - start:.1f} s)")
 
 

@@ -15,7 +15,7 @@ from llmexport import LLMExportError
 
 from ..bundle import Bundle, kv
 from ..bundle import names as io
-from ..bundle.quant import Scheme, stored_tensors, unpack
+from ..bundle.quant import unpack
 from .base import Backend
 
 
@@ -26,7 +26,7 @@ class BundleSource:
         from llmexport.model.config import ModelConfig
 
         self.bundle = bundle
-        self.name = bundle.manifest["model"]["name"]
+        self.name = bundle.manifest.model.name
         self.config = ModelConfig.from_dict(bundle.config)
 
     def tensors(self, dtype: str) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
@@ -41,8 +41,8 @@ class BundleSource:
 
         stored = TORCH_DTYPES[self.bundle.dtype]
         quantization = self.bundle.quantization
-        records = quantization["tensors"].values() if quantization else ()
-        packed = {name for record in records for name in stored_tensors(record)}
+        quantized = quantization.tensors if quantization else {}
+        packed = {name for weight in quantized.values() for name in weight.stored}
         for name, array in self.bundle.weights.items():
             if name.startswith("rope_") or name in packed:
                 continue  # rope: recomputed by the model; packed: dequantized below
@@ -53,14 +53,11 @@ class BundleSource:
             if stored_transposed:
                 tensor = tensor.t()
             yield name, tensor.to(TORCH_DTYPES[dtype])
-        if quantization is None:
-            return
         weights = self.bundle.weights
-        for name, record in quantization["tensors"].items():  # the exact weights the graphs compute with
-            shift = record["offsets"] or record["zero_points"]  # the scheme's (see bundle/quant.py)
+        for name, weight in quantized.items():  # the exact weights the graphs compute with
+            shift = weight.offsets or weight.zero_points  # the scheme's (see bundle/quant.py)
             offsets = weights[shift] if shift else None
-            w = unpack(weights[record["codes"]], weights[record["scales"]], offsets, Scheme.from_dict(record),
-                       tuple(record["shape"]))
+            w = unpack(weights[weight.codes], weights[weight.scales], offsets, weight.scheme, weight.shape)
             yield name, torch.from_numpy(w).to(TORCH_DTYPES[dtype])
 
 

@@ -5,9 +5,9 @@ manifest.write_manifest) and reading (reader.Bundle). Torch-free: the exporter w
 it, the runtime reads through it, and nothing here imports either of them."""
 
 from .kv import KVLayout
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, read_manifest
 from .reader import Bundle, read_json
 from .weights import ALIGNMENT, DTYPE_BYTES, NUMPY_DTYPES
 
-__all__ = ["ALIGNMENT", "DTYPE_BYTES", "FORMAT", "FORMAT_VERSION", "KVLayout", "MANIFEST", "NUMPY_DTYPES",
-           "Bundle", "read_json", "read_manifest"]
+__all__ = ["ALIGNMENT", "DTYPE_BYTES", "FORMAT", "FORMAT_VERSION", "KVLayout", "MANIFEST", "Manifest",
+           "NUMPY_DTYPES", "Bundle", "read_json", "read_manifest"]

@@ -99,6 +99,6 @@ class KVLayout:
 
     @classmethod
     def from_dict(cls, record: dict) -> "KVLayout":
-        """From a manifest `cache` record that manifest.check_fields has accepted."""
+        """From a manifest `cache` record that Manifest.from_dict has checked."""
         _, heads, slots, dim = record["shape"]
         return cls(int(record["num_layers"]), int(heads), int(slots), int(dim), bool(record["in_place"]))

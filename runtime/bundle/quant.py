@@ -104,9 +104,59 @@ class Scheme:
 ROLES = ("codes", "scales", "offsets", "zero_points", "rows")
 
 
-def stored_tensors(record: dict) -> list[str]:
-    """weights.bin names of one quantized weight's record (its roles that are present)."""
-    return [record[role] for role in ROLES if record.get(role)]
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One quantized checkpoint weight in the manifest: its scheme, its [N, K] shape and the
+    weights.bin names of its stored tensors by role (None where it has no such tensor)."""
+    scheme: Scheme
+    shape: tuple[int, int]
+    codes: str
+    scales: str
+    offsets: str | None = None
+    zero_points: str | None = None
+    rows: str | None = None
+
+    @property
+    def stored(self) -> list[str]:
+        """weights.bin names of every stored tensor of this weight."""
+        return [name for name in (getattr(self, role) for role in ROLES) if name]
+
+    def to_dict(self) -> dict:  # in the key order bundles have always had
+        return {**self.scheme.to_dict(), "offsets": self.offsets, "zero_points": self.zero_points, "rows": self.rows,
+                "codes": self.codes, "scales": self.scales, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, record: dict, name: str, where: str) -> "QuantizedWeight":
+        if not (record.get("bits") in (4, 8) and type(record.get("block_size")) is int and record["block_size"] > 0
+                and isinstance(record.get("symmetric"), bool) and record.get("layout") in LAYOUTS
+                and isinstance(record.get("search"), bool) and isinstance(record.get("integer_zero_point"), bool)
+                and bool(record.get("offsets") or record.get("zero_points")) != record["symmetric"]):
+            raise LLMExportError(f"{where}: quantized weight {name!r} has a malformed scheme; re-export the bundle")
+        shape = record["shape"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)):
+            raise LLMExportError(f"{where}: quantized weight {name!r} has shape {shape!r}; re-export the bundle")
+        return cls(Scheme.from_dict(record), tuple(shape), record["codes"], record["scales"], record.get("offsets"),
+                   record.get("zero_points"), record.get("rows"))
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """The manifest's `quantization` record: the export's settings and each quantized weight."""
+    method: str
+    accuracy_level: int
+    layout: str
+    tensors: dict[str, QuantizedWeight]
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "accuracy_level": self.accuracy_level, "layout": self.layout,
+                "tensors": {name: w.to_dict() for name, w in self.tensors.items()}}
+
+    @classmethod
+    def from_dict(cls, record: dict, where: str) -> "Quantization":
+        if not isinstance(record["tensors"], dict):
+            raise LLMExportError(f"{where}: quantization record is malformed; re-export the bundle")
+        return cls(record["method"], record["accuracy_level"], record["layout"],
+                   {name: QuantizedWeight.from_dict(r, name, where) for name, r in record["tensors"].items()})
 
 
 def check_block(block_size: int, k: int, name: str) -> None:

@@ -10,7 +10,7 @@ names.TRANSPOSED.
 from __future__ import annotations
 
 import errno
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,36 @@ class WeightEntry:
     dtype: str
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "name"}
+        return {"offset": self.offset, "length": self.length, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, name: str, t: dict, dtype: str, where: str) -> "WeightEntry":
+        """An entry of the manifest's index, its types checked (dtype: the bundle's; uint8 allowed)."""
+        try:
+            offset, length, shape = t["offset"], t["length"], t["shape"]
+            ok = (isinstance(shape, list) and all(type(v) is int for v in (offset, length, *shape)) and offset >= 0
+                  and length >= 0 and all(d >= 0 for d in shape) and t["dtype"] in (dtype, "uint8"))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise LLMExportError(f"{where}: weight {name!r} has a malformed entry {t!r}; re-export the bundle")
+        return cls(name, offset, length, tuple(shape), t["dtype"])
+
+
+@dataclass(frozen=True)
+class WeightIndex:
+    """The manifest's `weights` record: the file, its size and every tensor's entry."""
+    file: str
+    bytes: int
+    tensors: dict[str, WeightEntry]
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "bytes": self.bytes, "tensors": {n: e.to_dict() for n, e in self.tensors.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict, dtype: str, where: str) -> "WeightIndex":
+        tensors = {name: WeightEntry.from_dict(name, t, dtype, where) for name, t in d["tensors"].items()}
+        return cls(d["file"], d["bytes"], tensors)
 
 
 class WeightWriter:
@@ -85,25 +114,18 @@ class WeightWriter:
         raise LLMExportError(f"cannot write {self.path}: {reason}; free space or choose another --out") from None
 
 
-def check_index(tensors: dict, dtype: str, file_bytes: int, where: str) -> None:
+def check_index(tensors: dict[str, WeightEntry], file_bytes: int, where: str) -> None:
     """Every entry in range, sized by its shape and element type, no two overlapping (two
     entries may name exactly the same bytes: an alias): numbers from the manifest are checked
     before any byte is mapped."""
     spans = []
     for name, t in tensors.items():
-        try:
-            offset, length, shape = t["offset"], t["length"], t["shape"]
-            ok = (all(type(v) is int for v in (offset, length, *shape)) and offset >= 0 and length >= 0
-                  and all(d >= 0 for d in shape) and t["dtype"] in (dtype, "uint8"))
-        except (KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise LLMExportError(f"{where}: weight {name!r} has a malformed entry {t!r}; re-export the bundle")
+        offset, length, shape = t.offset, t.length, list(t.shape)
         if offset % ALIGNMENT:
             raise LLMExportError(f"{where}: weight {name!r} starts at byte {offset}, not a multiple of {ALIGNMENT}; "
                                  f"re-export the bundle")
-        if int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[t["dtype"]] != length:
-            raise LLMExportError(f"{where}: weight {name!r} has shape {shape} ({t['dtype']}) but length {length}; "
+        if int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[t.dtype] != length:
+            raise LLMExportError(f"{where}: weight {name!r} has shape {shape} ({t.dtype}) but length {length}; "
                                  f"re-export the bundle")
         if offset + length > file_bytes:
             raise LLMExportError(f"{where}: weight {name!r} ends at byte {offset + length}, past the end of the "
@@ -115,9 +137,9 @@ def check_index(tensors: dict, dtype: str, file_bytes: int, where: str) -> None:
             raise LLMExportError(f"{where}: weights {a!r} and {b!r} overlap; re-export the bundle")
 
 
-def map_weights(path: Path, tensors: dict) -> dict[str, np.ndarray]:
+def map_weights(path: Path, tensors: dict[str, WeightEntry]) -> dict[str, np.ndarray]:
     """Read-only views of every tensor, by name, into one memory map of `path`."""
     blob = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
-    return {name: np.frombuffer(blob, dtype=ELEMENT_DTYPES[t["dtype"]], offset=t["offset"],
-                                count=int(np.prod(t["shape"], dtype=np.int64))).reshape(t["shape"])
+    return {name: np.frombuffer(blob, dtype=ELEMENT_DTYPES[t.dtype], offset=t.offset,
+                                count=int(np.prod(t.shape, dtype=np.int64))).reshape(t.shape)
             for name, t in tensors.items()}

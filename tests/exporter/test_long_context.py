@@ -22,7 +22,7 @@ LONG = ModelSource("tiny-llama-8k", with_overrides(get_preset("tiny-llama3"), ma
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_target_exports_at_real_lengths(tmp_path, target, max_seq_len):
     bundle = Bundle.open(export_bundle(LONG, tmp_path / "b", target=target, max_seq_len=max_seq_len, max_batch=2))
-    assert bundle.max_seq_len == max_seq_len and bundle.manifest["cache"]["shape"][2] == max_seq_len
+    assert bundle.max_seq_len == max_seq_len and bundle.kv.max_seq_len == max_seq_len
     # Graph files do not grow with the context: nothing of size max_seq_len was folded into them.
     assert all(bundle.graph_path(p).stat().st_size < 200_000 for p in ("prefill", "decode"))
 

@@ -162,32 +162,31 @@ def test_quantized_bundles_verify_and_match_the_dequantized_reference(bundle_fac
     bundle_dir, _ = bundle_factory(family, "ort", quant=quant)
     bundle = Bundle.open(bundle_dir)
     record = bundle.quantization
-    for name, tensor in record["tensors"].items():  # each weight's scheme, as a C host reads it
+    for name, tensor in record.tensors.items():  # each weight's scheme, as the manifest records it
         role = "head" if name in ("lm_head.weight", "model.embed_tokens.weight") else "linear"
-        assert Scheme.from_dict(tensor) == quant.scheme(role)
-        assert bool(tensor["offsets"] or tensor["zero_points"]) == (not quant.scheme(role).symmetric)
-        assert bool(tensor["zero_points"]) == (quant.zero_point == "uint8" and not quant.scheme(role).symmetric)
+        assert tensor.scheme == quant.scheme(role)
+        assert bool(tensor.offsets or tensor.zero_points) == (not quant.scheme(role).symmetric)
+        assert bool(tensor.zero_points) == (quant.zero_point == "uint8" and not quant.scheme(role).symmetric)
     per_layer = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    quantized = set(record["tensors"])
+    quantized = set(record.tensors)
     assert {n.split(".")[-2] for n in quantized if n.startswith("model.layers.")} == per_layer
     assert "model.embed_tokens.weight" in quantized
     assert ("lm_head.weight" in quantized) == (family == "llama2")  # qwen2's LM head is the embedding
     for name in quantized:  # no float copy is stored beside the packed one
         assert name not in bundle.weights and f"{name}.T" not in bundle.weights
-    table = record["tensors"]["model.embed_tokens.weight"]
-    rows, codes = bundle.manifest["weights"]["tensors"][table["rows"]], bundle.manifest["weights"]["tensors"][
-        table["codes"]]
-    assert (rows["offset"], rows["length"]) == (codes["offset"], codes["length"])  # one stored table, two views
+    table, index = record.tensors["model.embed_tokens.weight"], bundle.manifest.weights.tensors
+    rows, codes = index[table.rows], index[table.codes]
+    assert (rows.offset, rows.length) == (codes.offset, codes.length)  # one stored table, two views
     nodes = onnx.load(str(bundle_dir / "decode.onnx"), load_external_data=False).graph.node
     ops = [n.op_type for n in nodes]
     assert ops.count("GatherBlockQuantized") == 1
     assert ops.count("MatMulNBits") == 2 * 7 + 1  # every linear of both layers, and the LM head
-    zero_points = {t[role]: t["zero_points"] for t in record["tensors"].values() for role in ("codes", "rows")}
+    zero_points = {getattr(t, role): t.zero_points for t in record.tensors.values() for role in ("codes", "rows")}
     for n in nodes:  # an integer zero point is the packed kernel's fourth input (the table's codes: the gather's first)
         if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
             read = n.input[1] if n.op_type == "MatMulNBits" else n.input[0]
             assert (n.input[3] if len(n.input) > 3 else None) == zero_points[read]
-    if quant.zero_point == "uint8" and record["tensors"]["model.embed_tokens.weight"]["symmetric"]:
+    if quant.zero_point == "uint8" and record.tensors["model.embed_tokens.weight"].scheme.symmetric:
         assert "ReduceSum" not in ops  # no offset product anywhere
     assert verify_bundle(bundle_dir, prompts=4, decode_steps=4).ok
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -211,9 +210,9 @@ def test_standard_targets_feed_blocked_dequantizelinear_into_matmul(bundle_facto
     bundle_dir, _ = bundle_factory(family, target, quant=quant)
     bundle = Bundle.open(bundle_dir)
     record = bundle.quantization
-    assert record["layout"] == "DequantizeLinear"
-    assert "model.embed_tokens.weight" not in record["tensors"] and "model.embed_tokens.weight" in bundle.weights
-    assert ("lm_head.weight" in record["tensors"]) == (family == "llama2")
+    assert record.layout == "DequantizeLinear"
+    assert "model.embed_tokens.weight" not in record.tensors and "model.embed_tokens.weight" in bundle.weights
+    assert ("lm_head.weight" in record.tensors) == (family == "llama2")
     model = onnx.load(str(bundle_dir / "decode.onnx"), load_external_data=False)
     initializers = {i.name: i for i in model.graph.initializer}
     users = {}
@@ -222,7 +221,7 @@ def test_standard_targets_feed_blocked_dequantizelinear_into_matmul(bundle_facto
             users.setdefault(name, []).append(node.op_type)
     dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dequantize) == 2 * 7 + (family == "llama2")
-    bits = {r["codes"]: r["bits"] for r in record["tensors"].values()}  # the LM head: --quant-head int8
+    bits = {r.codes: r.scheme.bits for r in record.tensors.values()}  # the LM head: --quant-head int8
     for node in dequantize:
         codes = initializers[node.input[0]]
         assert codes.data_type == {4: TensorProto.INT4, 8: TensorProto.INT8}[bits[codes.name]]
@@ -258,9 +257,9 @@ def _greedy_unprepacked(bundle_dir, prompts, params) -> list[list[int]]:
 def test_float16_bundles_quantize_with_float16_scales_and_offsets(bundle_factory, target):
     bundle_dir, _ = bundle_factory("qwen2", target, "float16", quant=QuantConfig("int4", 16, accuracy_level=1))
     bundle = Bundle.open(bundle_dir)
-    for record in bundle.quantization["tensors"].values():
-        assert all(bundle.manifest["weights"]["tensors"][record[role]]["dtype"] == "float16"
-                   for role in ("scales", "offsets") if record[role])
+    for record in bundle.quantization.tensors.values():
+        assert all(bundle.manifest.weights.tensors[name].dtype == "float16"
+                   for name in (record.scales, record.offsets) if name)
     assert verify_bundle(bundle_dir, prompts=2, decode_steps=4).ok
 
 
@@ -268,7 +267,7 @@ def test_int8_compute_is_verified_on_its_exact_weights(bundle_factory):
     """The default accuracy level 4: verify (unprepacked, float32 compute) checks the plumbing
     on the same packed weights; sessions then run the int8-compute kernels."""
     bundle_dir, _ = bundle_factory("llama2", "ort", quant=QuantConfig("int4"))
-    assert Bundle.open(bundle_dir).quantization["accuracy_level"] == 4
+    assert Bundle.open(bundle_dir).quantization.accuracy_level == 4
     assert verify_bundle(bundle_dir, prompts=4, decode_steps=4).ok
 
 
@@ -281,7 +280,7 @@ def test_int8_compute_is_verified_on_its_exact_weights(bundle_factory):
 def test_lm_head_and_embedding_can_be_kept_in_float(bundle_factory, family, skip, kept):
     bundle_dir, _ = bundle_factory(family, "ort", quant=QuantConfig("int4", accuracy_level=1, skip=frozenset({skip})))
     bundle = Bundle.open(bundle_dir)
-    assert not kept & set(bundle.quantization["tensors"]) and kept <= set(bundle.weights)
+    assert not kept & set(bundle.quantization.tensors) and kept <= set(bundle.weights)
     assert verify_bundle(bundle_dir, prompts=2, decode_steps=2).ok
 
 
@@ -289,8 +288,8 @@ def test_a_quantized_bundle_is_smaller(bundle_factory):
     sizes = {}
     for name, quant in (("float32", None), ("int8", QuantConfig("int8")), ("int4", QuantConfig("int4"))):
         bundle_dir, _ = bundle_factory("llama2", "ort", quant=quant)
-        tensors = Bundle.open(bundle_dir).manifest["weights"]["tensors"]
-        sizes[name] = sum(t["length"] for t in tensors.values())
+        tensors = Bundle.open(bundle_dir).manifest.weights.tensors
+        sizes[name] = sum(t.length for t in tensors.values())
     assert sizes["int4"] < sizes["int8"] < sizes["float32"]
 
 
@@ -320,7 +319,7 @@ def test_the_cli_exports_int4(tmp_path):
     result = run_cli("onnx", "--model", "tiny-llama", "--out", str(tmp_path / "b"), "--max-seq-len", "32",
                      "--quant", "int4", "--quant-block", "16", "--quant-search")
     assert result.returncode == 0, result.stderr
-    assert all(t["search"] for t in Bundle.open(tmp_path / "b").quantization["tensors"].values())
+    assert all(t.scheme.search for t in Bundle.open(tmp_path / "b").quantization.tensors.values())
     proto = onnx.load(str(tmp_path / "b" / "decode.onnx"), load_external_data=False)
     assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == 2 * 7 + 1
     assert sum(n.op_type == "GatherBlockQuantized" for n in proto.graph.node) == 1

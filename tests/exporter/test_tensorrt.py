@@ -53,7 +53,7 @@ def test_profiles_cover_prefill_and_decode(trt_bundle):
     assert prefill["input_ids"] == ((1, 1), (1, 64), (4, 64))
     assert decode["input_ids"] == ((1, 1), (4, 1), (4, 1))
     assert decode["past_key_values.0.key"] == ((1, 2, 64, 16), (4, 2, 64, 16), (4, 2, 64, 16))
-    assert set(prefill) == set(decode) == {i["name"] for i in bundle.manifest["graphs"]["prefill"]["inputs"]}
+    assert set(prefill) == set(decode) == {i.name for i in bundle.manifest.graphs["prefill"].inputs}
 
 
 @needs_tensorrt

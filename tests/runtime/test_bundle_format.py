@@ -72,8 +72,8 @@ def test_chunks_are_checked_in_parallel_and_locate_the_damage(tmp_path):
     path = tmp_path / "weights.bin"
     path.write_bytes(os.urandom(300_000))
     record = integrity.describe(tmp_path, ["weights.bin"], chunk_bytes=65536)
-    entry = record["files"]["weights.bin"]
-    assert len(entry["chunks"]) == 5 and entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    entry = record.files["weights.bin"]
+    assert len(entry.chunks) == 5 and entry.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     integrity.check_digests(record, lambda n: tmp_path / n, "test", workers=4)
     _flip(path, 200_000)
     with pytest.raises(LLMExportError, match=r"weights.bin chunk 3 \(bytes 196608..262143\)"):
