@@ -70,9 +70,8 @@ def kernel_report(device: str = "cuda", lengths=(128, 1024, 4096), batches=(1, 1
     import torch
     import torch.nn.functional as F
 
-    from llmexport.runtime.triton_attention import decode_attention
-
     from .measure import cuda_read_bandwidth, host_read_bandwidth
+    from .triton_attention import decode_attention
 
     heads = heads or HEADS
     time_it = _timer(device)

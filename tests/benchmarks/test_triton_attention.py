@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 CHECK = r"""
 import sys
 import torch
-from llmexport.runtime.triton_attention import decode_attention
+from llmexport.benchmarks.triton_attention import decode_attention
 
 batch, hq, hkv, d, t, window, dtype, chunk = sys.argv[1:]
 batch, hq, hkv, d, t, window, chunk = map(int, (batch, hq, hkv, d, t, window, chunk))
@@ -77,7 +77,7 @@ def test_decode_kernel_matches_the_reference(case):
 PREFILL_CHECK = r"""
 import sys
 import torch
-from llmexport.runtime.triton_attention import prefill_attention
+from llmexport.benchmarks.triton_attention import prefill_attention
 
 batch, seq, hq, hkv, d, t, window, dtype = sys.argv[1:]
 batch, seq, hq, hkv, d, t, window = map(int, (batch, seq, hq, hkv, d, t, window))
@@ -124,7 +124,7 @@ def test_what_the_kernels_assume_is_checked_and_float32_stays_ieee():
     import torch
 
     from llmexport import LLMExportError
-    from llmexport.runtime import triton_attention as ta
+    from llmexport.benchmarks import triton_attention as ta
 
     q, k = torch.zeros(1, 4, 80), torch.zeros(1, 2, 8, 80)
     with pytest.raises(LLMExportError, match="power-of-two head_dim >= 16, not 80"):

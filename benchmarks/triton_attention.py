@@ -13,7 +13,7 @@ position p sees cache rows j <= p (and p - j < window), the reference's rule, an
 stops at the block's highest position.
 
 Correctness is checked here on CPU with Triton's interpreter (TRITON_INTERPRET=1, see
-tests/runtime/test_triton_attention.py); speed only means something on a GPU (not yet run).
+tests/benchmarks/test_triton_attention.py); speed only means something on a GPU (not yet run).
 
 Shapes: B batch, S new tokens, Hq / Hkv heads, G = Hq / Hkv, T cache capacity, D head_dim.
   decode: q (B, Hq, D) after RoPE; seq_lens (B,) int; out (B, Hq, D)
