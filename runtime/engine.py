@@ -42,7 +42,7 @@ from .prefill_budget import PrefillBudget
 from .request import Request, State, TokenEvent, TokenLogprob
 from .sampling import SamplingParams
 from .scheduler import Chunk, Scheduler
-from .speculation import SpeculationConfig, SpeculationCost
+from .speculation import DraftModel, SpeculationConfig, SpeculationCost
 from .tokenizer import Tokenizer
 
 __all__ = ["Engine", "QueueFull", "Request", "State", "TokenEvent", "TokenLogprob"]
@@ -58,13 +58,14 @@ class Engine:
     def __init__(self, backend, tokenizer: Tokenizer | None = None, *, eos_token_ids: Sequence[int] = (),
                  max_queue: int | None = None, prefill_chunk: int = defaults.PREFILL_CHUNK,
                  prefill_stall: float = defaults.PREFILL_STALL, prompt_reuse: bool = defaults.PROMPT_REUSE,
-                 speculation: SpeculationConfig | None = None):
+                 speculation: SpeculationConfig | None = None, drafter: DraftModel | None = None):
         """max_queue: requests that may wait for a row (beyond the free rows) before submit raises
         QueueFull (None: no limit; 0: only what the free rows take).
         prefill_chunk: at most this many prompt tokens are prefilled per iteration while other
         requests decode; prefill_stall: and about as many as take this many decode steps' time
         (runtime/prefill_budget.py). prompt_reuse: see runtime/kv_rows.py. speculation: propose
-        tokens and verify them in one call where that is faster (runtime/speculation.py)."""
+        tokens and verify them in one call where that is faster (runtime/speculation.py); drafter: the
+        draft model that proposes them when speculation.method is "draft"."""
         if prefill_chunk < 1:
             raise LLMExportError(f"prefill_chunk={prefill_chunk} must be at least 1")
         self.backend, self.tokenizer = backend, tokenizer
@@ -77,6 +78,7 @@ class Engine:
         self.rows = KVRows(backend.cache_rows, self.max_seq_len, prompt_reuse)
         self.scheduler = Scheduler(self.rows, self.vocab_size)
         self.speculation = speculation
+        self.drafter = drafter
         self.speculation_cost = SpeculationCost()
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # by row, in admission order
@@ -359,31 +361,50 @@ class Engine:
     def _decode_or_verify(self, decoding: list[Request]) -> None:
         """Verify each row that has proposals in a call of its own, or decode every row in one
         step, whichever the measured costs say gives more tokens per second
-        (runtime/speculation.py)."""
+        (runtime/speculation.py). Prompt lookup proposes before the choice (it is free and may
+        find nothing); a draft model proposes after it (it costs k draft steps)."""
+        budget = {r.row: min(self.speculation.tokens, r.params.max_new_tokens - len(r.tokens) - 1,
+                             self.max_seq_len - r.filled - 1) for r in decoding}
         proposals = {}
-        for r in decoding:
-            k = min(self.speculation.tokens, r.params.max_new_tokens - len(r.tokens) - 1,
-                    self.max_seq_len - r.filled - 1)
-            if k >= 1 and r.lookup is not None:
-                found = r.lookup.propose(k)
+        if self.drafter is None:
+            for r in decoding:
+                found = r.lookup.propose(budget[r.row]) if budget[r.row] >= 1 and r.lookup is not None else []
                 if found:
                     proposals[r.row] = found
-        idle = [r for r in decoding if r.row not in proposals]
+            planned = {row: len(p) for row, p in proposals.items()}
+        else:
+            planned = {row: k for row, k in budget.items() if k >= 1}
+        idle = [r for r in decoding if r.row not in planned]
         window = self.scheduler.decode_window(decoding)
-        if not proposals or not self.speculation_cost.worth_it(
-                window, [(self.running[row].acceptance.rate, len(p)) for row, p in proposals.items()],
+        if not planned or not self.speculation_cost.worth_it(
+                window, [(self.running[row].acceptance.rate, k) for row, k in planned.items()],
                 len(idle), self.scheduler.decode_window(idle) if idle else 0):
             self._decode(decoding)
             return
-        for row, proposed in proposals.items():
-            self._verify(self.running[row], proposed)
+        for row, k in planned.items():
+            request, drafted = self.running[row], 0.0
+            if self.drafter is not None:
+                started = time.perf_counter()
+                try:
+                    proposals[row] = self.drafter.propose(row, request.prompt + request.tokens, k)
+                except Exception as e:  # noqa: BLE001  (a failing draft fails its request, not the engine)
+                    with self._cond:
+                        request.error = f"the draft model failed: {e}"
+                        self._finish(request, "error")
+                    continue
+                drafted = time.perf_counter() - started
+            if proposals.get(row):
+                self._verify(request, proposals[row], drafted)
+            else:
+                idle.append(request)
         if idle:
-            self._decode(idle)
+            self._decode(sorted(idle, key=lambda r: r.row))
 
-    def _verify(self, request: Request, proposed: list[int]) -> None:
+    def _verify(self, request: Request, proposed: list[int], drafted: float = 0.0) -> None:
         """Feed the pending token and the proposals in one call, then sample position by position
         while the sampled token equals the proposal; the row keeps only the fed tokens that were
-        kept (the rest lie past its length, unread until overwritten)."""
+        kept (the rest lie past its length, unread until overwritten). drafted: the seconds the
+        proposals cost (a draft model's steps), counted with the verification's."""
         start, fed = request.filled, [request.pending, *proposed]
         n = len(fed)
         started = time.perf_counter()
@@ -392,7 +413,7 @@ class Engine:
                             range(request.row, request.row + 1), np.arange(n, dtype=np.int64)[None])
         if logits is None:
             return
-        self.speculation_cost.verified(n, time.perf_counter() - started)
+        self.speculation_cost.verified(n, time.perf_counter() - started + drafted)
         accepted = 0
         for i in range(n):
             request.filled = start + i + 1  # fed[0..i] are this row's tokens now

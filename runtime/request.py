@@ -72,7 +72,8 @@ class Request:
         self.cancelled = False
         self.matcher = matcher  # runtime/grammar.py Matcher: the tokens its grammar allows next
         speculation = engine.speculation
-        self.lookup = PromptLookup(speculation, prompt) if speculation is not None and not score else None
+        self.lookup = (PromptLookup(speculation, prompt) if speculation is not None and speculation.method == "ngram"
+                       and not score else None)
         self.acceptance = Acceptance()
         self.sampler = Sampler(params, prompt, mask=matcher.mask_logits if matcher is not None else None)
         self.text = TextStream(engine.tokenizer, params.stop)

@@ -22,7 +22,7 @@ from .chat import ChatTemplate, Message
 from . import defaults
 from .engine import Engine, TokenEvent
 from .sampling import SamplingParams
-from .speculation import SpeculationConfig
+from .speculation import DraftModel, SpeculationConfig
 from .tokenizer import Tokenizer
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
@@ -30,7 +30,8 @@ Prompt = str | Sequence[int]
 
 
 def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu",
-                   cuda_graph: bool | None = None, threads: int | None = None, reference=None) -> Backend:
+                   cuda_graph: bool | None = None, threads: int | None = None, reference=None,
+                   cache_rows: int | None = None) -> Backend:
     """The named backend for `bundle`; heavy libraries are imported only for the one asked for.
 
     cuda_graph: capture decode as CUDA graphs (None: no; on onnxruntime UNVERIFIED, see
@@ -38,23 +39,24 @@ def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "
     threads: CPU threads of the compute library (None: its default, every core).
     reference: a model source (exporter.verify.reference_source: the checkpoint or preset the
     bundle came from); the torch backend then runs its weights in float32 (eval --model).
+    cache_rows: KV rows to allocate (default the bundle's max_batch).
     """
     if reference is not None and backend != "torch":
         raise LLMExportError(f"a reference model runs on the torch backend, not {backend}")
     if backend == "onnxruntime":
         from .backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(bundle, device, cuda_graph=bool(cuda_graph),
-                                  threads=threads)
+        return OnnxRuntimeBackend(bundle, device, cuda_graph=bool(cuda_graph), threads=threads,
+                                  cache_rows=cache_rows)
     if backend == "torch":
         from .backends.torch import TorchBackend
 
         return TorchBackend(bundle, device, "float32" if reference is not None else None,
-                            cuda_graph=bool(cuda_graph), threads=threads, source=reference)
+                            cuda_graph=bool(cuda_graph), threads=threads, source=reference, cache_rows=cache_rows)
     if backend == "tensorrt":
         from .backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(bundle, device)
+        return TensorRTBackend(bundle, device, cache_rows=cache_rows)
     raise LLMExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -77,19 +79,34 @@ class Session:
                  cuda_graph: bool | None = None, threads: int | None = None, check_integrity: bool = False,
                  reference=None, max_queue: int | None = None, prefill_chunk: int = defaults.PREFILL_CHUNK,
                  prefill_stall: float = defaults.PREFILL_STALL, prompt_reuse: bool = defaults.PROMPT_REUSE,
-                 speculative: str | None = None, speculative_tokens: int = defaults.SPECULATIVE_TOKENS):
+                 speculative: str | None = None, speculative_tokens: int = defaults.SPECULATIVE_TOKENS,
+                 draft: str | Path | None = None):
         """`check_integrity`: hash every bundle file against the manifest before loading (sizes,
         paths and the manifest's own digest are checked on every open). `reference`: see
         create_backend. `max_queue`, `prefill_chunk`, `prefill_stall`, `prompt_reuse`: see Engine.
-        `speculative`: "ngram" proposes tokens by prompt lookup and verifies up to
-        `speculative_tokens` of them per call where that is faster (runtime/speculation.py)."""
+        `speculative`: "ngram" proposes tokens by prompt lookup, "draft" by the bundle `draft` (a
+        smaller model with the same tokenizer); up to `speculative_tokens` of them are verified
+        per call where that is faster (runtime/speculation.py)."""
         self.bundle = Bundle.open(bundle_dir, check_integrity=check_integrity)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_path) if self.bundle.tokenizer_path else None
+        speculation = (SpeculationConfig(speculative, speculative_tokens, draft=str(draft) if draft else None)
+                       if speculative else None)
+        if draft is not None and speculation is None:
+            raise LLMExportError("a draft bundle is used by speculative decoding: pass speculative='draft' with it")
+        drafts = Bundle.open(draft) if draft is not None else None
+        if drafts is not None and drafts.max_batch < self.bundle.max_batch:
+            raise LLMExportError(f"the draft bundle's max_batch ({drafts.max_batch}) is below the target's "
+                                 f"({self.bundle.max_batch}): re-export the draft with --max-batch "
+                                 f"{self.bundle.max_batch}")
         self.backend = create_backend(self.bundle, backend, device, cuda_graph, threads, reference)
+        self._drafter = None
+        if drafts is not None:
+            self._drafter = DraftModel(create_backend(drafts, backend, device, threads=threads,
+                                                      cache_rows=self.backend.cache_rows), self.bundle)
         self.engine = Engine(self.backend, self.tokenizer, eos_token_ids=self.bundle.eos_token_ids,
                              max_queue=max_queue, prefill_chunk=prefill_chunk, prefill_stall=prefill_stall,
                              prompt_reuse=prompt_reuse,
-                             speculation=SpeculationConfig(speculative, speculative_tokens) if speculative else None)
+                             speculation=speculation, drafter=self._drafter)
         self.last_timings: dict = {}
         self._chat_template: ChatTemplate | None = None
         self._grammars = None
@@ -146,6 +163,8 @@ class Session:
         MiB open, 156 after close; 585 before close released the map)."""
         self.engine.shutdown()
         self.backend.close()
+        if self._drafter is not None:
+            self._drafter.close()
         self.bundle.release()
 
     def __enter__(self) -> "Session":

@@ -15,6 +15,10 @@ Proposers:
 - `PromptLookup` (n-gram): the last n tokens of the sequence (n from `max_ngram` down to
   `min_ngram`) found earlier in the prompt or output; the tokens that followed are proposed.
   No second model; pays where output copies input (code edits, retrieval answers, reformatting).
+- `DraftModel`: a smaller bundle with the same tokenizer (`--draft DIR`) decodes k tokens
+  greedily; its row r mirrors the target's row r and keeps what it has computed, so each round
+  feeds it only the tokens it has not seen (a rejected proposal is dropped by comparing what it
+  holds with the target's sequence).
 
 Whether to verify or decode is decided per iteration by measured cost (`SpeculationCost`):
 ONNX Runtime's CPU GroupQueryAttention takes S > 1 over a filled cache at batch 1 only, so
@@ -33,7 +37,7 @@ import numpy as np
 
 from llmexport import LLMExportError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,14 @@ class SpeculationConfig:
     tokens: int = 5  # proposals per verification (k)
     max_ngram: int = 4  # longest suffix looked up
     min_ngram: int = 1
+    draft: str | None = None  # the draft bundle's directory (method "draft")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise LLMExportError(f"speculative method {self.method!r} is not one of {', '.join(METHODS)}")
+        if (self.method == "draft") != (self.draft is not None):
+            raise LLMExportError("speculative 'draft' needs a draft bundle (--draft DIR), and a draft bundle needs "
+                                 "speculative 'draft'")
         if not 1 <= self.tokens <= 32:
             raise LLMExportError(f"speculative tokens={self.tokens} must be in 1..32")
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -83,6 +91,48 @@ class PromptLookup:
                 start = int(found[-1]) + n
                 return ids[start: min(start + k, n_all)].tolist()
         return []
+
+
+class DraftModel:
+    """Greedy proposals from a draft bundle's backend, one draft row per target row."""
+
+    def __init__(self, backend, target_bundle):
+        draft = backend.bundle
+        if draft.vocab_size > target_bundle.vocab_size:
+            raise LLMExportError(f"the draft model's vocabulary ({draft.vocab_size}) is larger than the target's "
+                                 f"({target_bundle.vocab_size}); a draft must share the target's tokenizer")
+        mine, theirs = draft.tokenizer_path, target_bundle.tokenizer_path
+        if mine and theirs and mine.read_bytes() != theirs.read_bytes():
+            raise LLMExportError(f"the draft bundle {draft.path} has another tokenizer than the target; a draft "
+                                 f"must share the target's tokenizer")
+        self.backend = backend
+        self.held: list[list[int]] = [[] for _ in range(backend.cache_rows)]  # what each draft row's cache holds
+
+    def propose(self, row: int, sequence: list[int], k: int) -> list[int]:
+        """k greedy tokens after `sequence` (which ends with the target's pending token)."""
+        from .bundle import names as io
+        from .kv_rows import common_prefix
+
+        if len(sequence) + k - 1 > self.backend.bundle.max_seq_len:
+            return []
+        held = self.held[row]
+        start = common_prefix(np.asarray(held, dtype=np.int64), np.asarray(sequence[:-1], dtype=np.int64))
+        fed = sequence[start:]
+        logits = self.backend.step(io.PREFILL, np.array([fed], dtype=np.int64),
+                                   np.arange(start, len(sequence), dtype=np.int64)[None], np.array([len(sequence)]),
+                                   range(row, row + 1), copy=False)
+        held = self.held[row] = list(sequence)
+        out = [int(np.argmax(logits[0]))]
+        while len(out) < k:
+            n = len(held)
+            logits = self.backend.step(io.DECODE, np.array([[out[-1]]]), np.array([[n]]), np.array([n + 1]),
+                                       range(row, row + 1), copy=False)
+            held.append(out[-1])
+            out.append(int(np.argmax(logits[0])))
+        return out
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 class SpeculationCost:

@@ -88,3 +88,35 @@ def test_the_cost_model_verifies_only_when_it_pays():
     rate.update(4, 4)
     rate.update(4, 0)
     assert 0 < rate.rate < 1 and (rate.proposed, rate.accepted) == (8, 4)
+
+
+def test_a_draft_model_keeps_plain_decodings_output(bundle_factory):
+    """A draft with the same tokenizer proposes greedily: itself (every proposal accepted) and
+    another model (most rejected); the output is plain decoding's either way."""
+    target, _ = bundle_factory("qwen2", "ort")
+    other, _ = bundle_factory("llama3", "ort")
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompts = [REPEATING, PLAIN_PROMPT]
+    plain, _ = _run(target, prompts, params, speculative=False)
+    for draft in (target, other):
+        with Session(target, speculative="draft", draft=draft, speculative_tokens=4, prompt_reuse=False) as session:
+            session.engine.speculation_cost.worth_it = lambda *args: True
+            assert session.generate(prompts, params).token_ids == plain
+            stats = session.engine.stats
+        assert stats["speculative_calls"] > 0
+        if draft == target:
+            assert stats["accepted_tokens"] == stats["proposed_tokens"]  # the target agrees with itself
+
+
+def test_bad_speculation_settings_are_one_line_errors(bundle_factory):
+    from llmexport import LLMExportError
+
+    target, _ = bundle_factory("qwen2", "ort")
+    small, _ = bundle_factory("qwen2", "ort", max_batch=2)
+    for kwargs, message in (({"speculative": "medusa"}, "not one of ngram, draft"),
+                            ({"speculative": "draft"}, "needs a draft bundle"),
+                            ({"draft": target}, "pass speculative='draft'"),
+                            ({"speculative": "ngram", "speculative_tokens": 0}, "must be in 1..32"),
+                            ({"speculative": "draft", "draft": small}, "re-export the draft with --max-batch 4")):
+        with pytest.raises(LLMExportError, match=message):
+            Session(target, **kwargs)
