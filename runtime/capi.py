@@ -1,8 +1,8 @@
 """The C API (runtime/llmexport.h): the marshalling layer and the builder of libllmexport.so.
 
 Mechanism: cffi's embedding mode. `build_library` compiles a shared library whose exported
-functions start CPython on first use and call `install`'s functions below, which marshal C
-arguments onto runtime.session.Session. The generation loop and KV buffers are the runtime's
+functions start CPython on first use and call the methods of CApi below (`install` registers
+them), which marshal C arguments onto runtime.session.Session. The generation loop and KV buffers are the runtime's
 own. Why cffi: it is a maintained, documented way to export plain C symbols from Python with
 no hand-written CPython API code, the GIL is taken per call (so sessions in different threads
 are safe), and the header stays free of Python types.
@@ -16,9 +16,13 @@ import sysconfig
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import llmexport
 from llmexport import LLMExportError
+
+if TYPE_CHECKING:  # imported when the first session opens, inside the embedded interpreter
+    from llmexport.runtime.session import Session
 
 HEADER = Path(__file__).with_name("llmexport.h")
 MODULE = "_llmexport_capi"
@@ -53,47 +57,84 @@ def declarations() -> str:
 
 # -- the marshalling layer, run inside the embedded interpreter -------------------------------
 
-def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported symbol)
-    from llmexport.runtime.sampling import SamplingParams
-    from llmexport.runtime.session import BACKENDS, Session
+# The exported functions (runtime/llmexport.h), each a method of CApi of the same name. Guarded
+# ones report exceptions as status codes and the message through llmx_last_error.
+PLAIN = ("llmx_version", "llmx_last_error", "llmx_sampling_init", "llmx_sampling_init_size",
+         "llmx_open_options_init_size", "llmx_free_string")
+GUARDED = ("llmx_open", "llmx_open_ex", "llmx_close", "llmx_generate", "llmx_generate_text")
 
-    sessions: dict[int, tuple[Session, Users]] = {}
-    ids = itertools.count(1)
-    local = threading.local()
-    version = ffi.new("char[]", llmexport.__version__.encode())
-    empty = ffi.new("char[]", b"")
 
-    def fail(code: int, message: str) -> int:
-        local.error = ffi.new("char[]", message.encode("utf-8", "replace"))
+def install(ffi, lib) -> None:
+    """Register every exported function with cffi (called once by the embedded interpreter)."""
+    api = CApi(ffi, lib)
+    for name in PLAIN:
+        ffi.def_extern(name=name)(getattr(api, name))
+    for name in GUARDED:
+        ffi.def_extern(name=name, error=INTERNAL)(api.guarded(getattr(api, name)))
+
+
+class CApi:
+    """The state behind the C functions: open sessions by handle (each with its running calls)
+    and the calling thread's last error."""
+
+    def __init__(self, ffi, lib):
+        self.ffi, self.lib = ffi, lib
+        self.sessions: dict[int, tuple[Session, Users]] = {}
+        self.ids = itertools.count(1)
+        self.local = threading.local()
+        self.version = ffi.new("char[]", llmexport.__version__.encode())
+        self.empty = ffi.new("char[]", b"")
+
+    # -- marshalling helpers --------------------------------------------------------------------
+
+    def fail(self, code: int, message: str) -> int:
+        self.local.error = self.ffi.new("char[]", message.encode("utf-8", "replace"))
         return code
 
-    def text(p, default: str | None = None) -> str | None:
-        return default if p == ffi.NULL else ffi.string(p).decode("utf-8")
+    def guarded(self, fn):
+        """Exceptions become status codes; nothing escapes into C."""
+        def wrapper(*args):
+            self.local.error = self.empty
+            try:
+                return fn(*args)
+            except LLMExportError as e:
+                return self.fail(INVALID_ARGUMENT, str(e))
+            except Exception as e:  # a bug of ours: report it, never crash the host
+                return self.fail(INTERNAL, f"{type(e).__name__}: {e}")
+        wrapper.__name__ = fn.__name__
+        return wrapper
 
-    def owned_string(s: str):
+    def text(self, p, default: str | None = None) -> str | None:
+        return default if p == self.ffi.NULL else self.ffi.string(p).decode("utf-8")
+
+    def owned_string(self, s: str):
+        """A malloc'ed copy the caller frees with llmx_free_string."""
         data = s.encode("utf-8", "replace") + b"\0"
-        buf = ffi.cast("char *", lib.malloc(len(data)))
-        ffi.memmove(buf, data, len(data))
+        buf = self.ffi.cast("char *", self.lib.malloc(len(data)))
+        self.ffi.memmove(buf, data, len(data))
         return buf
 
-    def lookup(handle) -> tuple[Session, threading.Lock] | None:
-        return sessions.get(int(ffi.cast("uintptr_t", handle)))
+    def lookup(self, handle) -> tuple[Session, Users] | None:
+        return self.sessions.get(int(self.ffi.cast("uintptr_t", handle)))
 
-    def given(params, ctype: str) -> dict:
+    def given(self, params, ctype: str) -> dict:
         """The fields the caller's struct really has (per its struct_size), by name."""
-        check_struct_size(ffi, ctype, params.struct_size)
-        return {name: getattr(params, name) for name in fields_within(ffi, ctype, params.struct_size)}
+        check_struct_size(self.ffi, ctype, params.struct_size)
+        return {name: getattr(params, name) for name in fields_within(self.ffi, ctype, params.struct_size)}
 
-    def sampling(params) -> SamplingParams:
-        if params == ffi.NULL:
+    def sampling(self, params):
+        from llmexport.runtime.sampling import SamplingParams
+
+        if params == self.ffi.NULL:
             return SamplingParams()
-        fields = given(params, "llmx_sampling")
+        fields = self.given(params, "llmx_sampling")
         if "ignore_eos" in fields:
             fields["ignore_eos"] = bool(fields["ignore_eos"])
         return SamplingParams(**fields)
 
-    def init(ptr, ctype: str, size: int, defaults: dict, only: tuple[str, ...] | None = None) -> None:
+    def init(self, ptr, ctype: str, size: int, defaults: dict, only: tuple[str, ...] | None = None) -> None:
         """Write struct_size and the defaults of the fields that fit in `size` bytes."""
+        ffi = self.ffi
         if ptr == ffi.NULL or size < ffi.typeof(ctype).fields[0][1].offset + ffi.sizeof("size_t"):
             return
         size = min(size, ffi.sizeof(ctype))
@@ -102,101 +143,47 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
             if only is None or name in only:
                 setattr(ptr, name, defaults[name])
 
+    @staticmethod
     def sampling_defaults() -> dict:
+        from llmexport.runtime.sampling import SamplingParams
+
         d = SamplingParams()
         return {name: int(v) if isinstance(v, bool) else v for name, v in vars(d).items() if name in SAMPLING_V0}
 
-    def guarded(fn):
-        """Exceptions become status codes; nothing escapes into C."""
-        def wrapper(*args):
-            local.error = empty
-            try:
-                return fn(*args)
-            except LLMExportError as e:
-                return fail(INVALID_ARGUMENT, str(e))
-            except Exception as e:  # a bug of ours: report it, never crash the host
-                return fail(INTERNAL, f"{type(e).__name__}: {e}")
-        wrapper.__name__ = fn.__name__
-        return ffi.def_extern(error=INTERNAL)(wrapper)
+    def open_session(self, bundle_dir, out, backend=None, device=None, check_integrity=False, threads=0) -> int:
+        from llmexport.runtime.session import BACKENDS, Session
 
-    @ffi.def_extern()
-    def llmx_version():
-        return version
-
-    @ffi.def_extern()
-    def llmx_last_error():
-        return getattr(local, "error", empty)
-
-    @ffi.def_extern()
-    def llmx_sampling_init(params):
-        v0_end = max(f.offset + ffi.sizeof(f.type) for n, f in ffi.typeof("llmx_sampling").fields if n in SAMPLING_V0)
-        init(params, "llmx_sampling", v0_end, sampling_defaults(), SAMPLING_V0)
-
-    @ffi.def_extern()
-    def llmx_sampling_init_size(params, size):
-        init(params, "llmx_sampling", size, sampling_defaults())
-
-    @ffi.def_extern()
-    def llmx_open_options_init_size(options, size):
-        init(options, "llmx_open_options", size, {"backend": ffi.NULL, "device": ffi.NULL, "check_integrity": 0,
-                                                  "threads": 0})
-
-    @ffi.def_extern()
-    def llmx_free_string(s):
-        if s != ffi.NULL:
-            lib.free(s)
-
-    def open_session(bundle_dir, out, backend=None, device=None, check_integrity=False, threads=0) -> int:
+        ffi = self.ffi
         if out == ffi.NULL or bundle_dir == ffi.NULL:
-            return fail(INVALID_ARGUMENT, "llmx_open: bundle_dir and out must not be NULL")
+            return self.fail(INVALID_ARGUMENT, "llmx_open: bundle_dir and out must not be NULL")
         out[0] = ffi.NULL
-        backend_name, device_name = text(backend or ffi.NULL, "onnxruntime"), text(device or ffi.NULL, "cpu")
+        backend_name = self.text(backend or ffi.NULL, "onnxruntime")
+        device_name = self.text(device or ffi.NULL, "cpu")
         if backend_name not in BACKENDS or device_name not in ("cpu", "cuda"):
-            return fail(INVALID_ARGUMENT, f"llmx_open: unknown backend {backend_name!r} or device {device_name!r}; "
-                                          f"backends: {', '.join(BACKENDS)}; devices: cpu, cuda")
+            return self.fail(INVALID_ARGUMENT, f"llmx_open: unknown backend {backend_name!r} or device "
+                                               f"{device_name!r}; backends: {', '.join(BACKENDS)}; devices: cpu, cuda")
         if threads < 0:
-            return fail(INVALID_ARGUMENT, f"llmx_open_options.threads={threads} must be >= 0 (0: default)")
+            return self.fail(INVALID_ARGUMENT, f"llmx_open_options.threads={threads} must be >= 0 (0: default)")
         try:
-            session = Session(text(bundle_dir), backend_name, device_name, threads=threads or None,
+            session = Session(self.text(bundle_dir), backend_name, device_name, threads=threads or None,
                               check_integrity=bool(check_integrity))
         except LLMExportError as e:
-            return fail(BUNDLE, str(e))
-        handle = next(ids)
-        sessions[handle] = (session, Users())
+            return self.fail(BUNDLE, str(e))
+        handle = next(self.ids)
+        self.sessions[handle] = (session, Users())
         out[0] = ffi.cast("llmx_session *", handle)
         return OK
 
-    @guarded
-    def llmx_open(bundle_dir, backend, device, out):
-        return open_session(bundle_dir, out, backend, device)
-
-    @guarded
-    def llmx_open_ex(bundle_dir, options, out):
-        fields = {} if options == ffi.NULL else given(options, "llmx_open_options")
-        return open_session(bundle_dir, out, **fields)
-
-    @guarded
-    def llmx_close(handle):
-        if handle == ffi.NULL:
-            return OK
-        key = int(ffi.cast("uintptr_t", handle))
-        if key not in sessions:
-            return fail(INVALID_ARGUMENT, "llmx_close: unknown or already closed session")
-        session, users = sessions.pop(key)
-        users.wait_idle()  # calls already running on it finish first
-        session.close()
-        return OK
-
-    def run(handle, prompt, params, callback, user_data):
+    def run(self, handle, prompt, params, callback, user_data):
         """Shared by both generate functions: (status, token ids, finish reason, text)."""
-        entry = lookup(handle)
+        entry = self.lookup(handle)
         if entry is None:
-            return fail(INVALID_ARGUMENT, "unknown or closed session"), [], "", ""
+            return self.fail(INVALID_ARGUMENT, "unknown or closed session"), [], "", ""
         session, users = entry
-        sampler = sampling(params)
+        sampler = self.sampling(params)
         if len(prompt) > session.bundle.max_seq_len:
-            return fail(LIMIT, f"prompt of {len(prompt)} tokens exceeds the bundle's max_seq_len="
-                               f"{session.bundle.max_seq_len}"), [], "", ""
+            return self.fail(LIMIT, f"prompt of {len(prompt)} tokens exceeds the bundle's max_seq_len="
+                                    f"{session.bundle.max_seq_len}"), [], "", ""
         tokens, reason, pieces = [], "", []
         with users:  # concurrent calls on one session share its engine's decode batch
             stream = session.stream([prompt], sampler)
@@ -205,8 +192,8 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
                     tokens.append(event.token_id)
                     pieces.append(event.text)
                     reason = event.finish_reason or reason
-                    if callback != ffi.NULL:
-                        delta = ffi.new("char[]", event.text.encode("utf-8", "replace"))
+                    if callback != self.ffi.NULL:
+                        delta = self.ffi.new("char[]", event.text.encode("utf-8", "replace"))
                         if callback(event.token_id, delta, user_data) != 0:
                             reason = "callback"
                             break
@@ -214,14 +201,57 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
                 stream.close()
         return OK, tokens, reason, "".join(pieces)
 
-    @guarded
-    def llmx_generate(handle, prompt, prompt_len, params, callback, user_data, out_ids, out_capacity,
+    # -- the exported functions -----------------------------------------------------------------
+
+    def llmx_version(self):
+        return self.version
+
+    def llmx_last_error(self):
+        return getattr(self.local, "error", self.empty)
+
+    def llmx_sampling_init(self, params):
+        v0_end = max(f.offset + self.ffi.sizeof(f.type) for n, f in self.ffi.typeof("llmx_sampling").fields
+                     if n in SAMPLING_V0)
+        self.init(params, "llmx_sampling", v0_end, self.sampling_defaults(), SAMPLING_V0)
+
+    def llmx_sampling_init_size(self, params, size):
+        self.init(params, "llmx_sampling", size, self.sampling_defaults())
+
+    def llmx_open_options_init_size(self, options, size):
+        defaults = {"backend": self.ffi.NULL, "device": self.ffi.NULL, "check_integrity": 0, "threads": 0}
+        self.init(options, "llmx_open_options", size, defaults)
+
+    def llmx_free_string(self, s):
+        if s != self.ffi.NULL:
+            self.lib.free(s)
+
+    def llmx_open(self, bundle_dir, backend, device, out):
+        return self.open_session(bundle_dir, out, backend, device)
+
+    def llmx_open_ex(self, bundle_dir, options, out):
+        fields = {} if options == self.ffi.NULL else self.given(options, "llmx_open_options")
+        return self.open_session(bundle_dir, out, **fields)
+
+    def llmx_close(self, handle):
+        if handle == self.ffi.NULL:
+            return OK
+        key = int(self.ffi.cast("uintptr_t", handle))
+        if key not in self.sessions:
+            return self.fail(INVALID_ARGUMENT, "llmx_close: unknown or already closed session")
+        session, users = self.sessions.pop(key)
+        users.wait_idle()  # calls already running on it finish first
+        session.close()
+        return OK
+
+    def llmx_generate(self, handle, prompt, prompt_len, params, callback, user_data, out_ids, out_capacity,
                       out_len, finish_reason):
+        ffi = self.ffi
         if prompt == ffi.NULL and prompt_len:
-            return fail(INVALID_ARGUMENT, "llmx_generate: prompt is NULL")
+            return self.fail(INVALID_ARGUMENT, "llmx_generate: prompt is NULL")
         if out_ids == ffi.NULL and out_capacity:
-            return fail(INVALID_ARGUMENT, "llmx_generate: out_ids is NULL but out_capacity > 0")
-        status, tokens, reason, _ = run(handle, [prompt[i] for i in range(prompt_len)], params, callback, user_data)
+            return self.fail(INVALID_ARGUMENT, "llmx_generate: out_ids is NULL but out_capacity > 0")
+        status, tokens, reason, _ = self.run(handle, [prompt[i] for i in range(prompt_len)], params, callback,
+                                             user_data)
         if status != OK:
             return status
         for i, token in enumerate(tokens[:out_capacity]):
@@ -229,22 +259,23 @@ def install(ffi, lib) -> None:  # noqa: C901  (one small function per exported s
         if out_len != ffi.NULL:
             out_len[0] = len(tokens)
         if finish_reason != ffi.NULL:
-            finish_reason[0] = owned_string(reason)
+            finish_reason[0] = self.owned_string(reason)
         return OK
 
-    @guarded
-    def llmx_generate_text(handle, prompt, params, out_text):
+    def llmx_generate_text(self, handle, prompt, params, out_text):
+        ffi = self.ffi
         if prompt == ffi.NULL or out_text == ffi.NULL:
-            return fail(INVALID_ARGUMENT, "llmx_generate_text: prompt and out_text must not be NULL")
+            return self.fail(INVALID_ARGUMENT, "llmx_generate_text: prompt and out_text must not be NULL")
         out_text[0] = ffi.NULL
-        entry = lookup(handle)
+        entry = self.lookup(handle)
         if entry is None:
-            return fail(INVALID_ARGUMENT, "unknown or closed session")
+            return self.fail(INVALID_ARGUMENT, "unknown or closed session")
         if entry[0].tokenizer is None:
-            return fail(INVALID_ARGUMENT, "this bundle has no tokenizer: use llmx_generate with token ids")
-        status, _, _, result = run(handle, entry[0].tokenizer.encode(text(prompt)), params, ffi.NULL, ffi.NULL)
+            return self.fail(INVALID_ARGUMENT, "this bundle has no tokenizer: use llmx_generate with token ids")
+        status, _, _, result = self.run(handle, entry[0].tokenizer.encode(self.text(prompt)), params, ffi.NULL,
+                                        ffi.NULL)
         if status == OK:
-            out_text[0] = owned_string(result)
+            out_text[0] = self.owned_string(result)
         return status
 
 
