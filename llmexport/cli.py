@@ -390,39 +390,14 @@ def chat_command(
 
     Type a message, Enter sends it; /reset forgets the conversation, /exit or Ctrl-D ends. Reads
     plain lines from a pipe too."""
+    from llmexport.runtime.chat_repl import chat_repl
     from llmexport.runtime.session import Session
 
-    interactive = sys.stdin.isatty()
     with Session(bundle, backend=backend, device=device, threads=threads,
                  check_integrity=check_integrity) as session:
         _check_chat(session, bundle)
-        params = _sampling(session, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        start = [{"role": "system", "content": system}] if system is not None else []
-        messages = list(start)
-        while True:
-            try:
-                line = input("> " if interactive else "")
-            except EOFError:
-                break
-            if line.strip() in ("/exit", "/quit"):
-                break
-            if line.strip() == "/reset":
-                messages = list(start)
-                continue
-            if not line.strip():
-                continue
-            messages.append({"role": "user", "content": line})
-            reply = []
-            try:
-                for event in session.chat_stream(messages, params):
-                    print(event.text, end="", flush=True)
-                    reply.append(event.text)
-            except LLMExportError as e:  # e.g. the conversation outgrew max_seq_len: say so, keep the session
-                messages.pop()
-                print(f"error: {e}", file=sys.stderr)
-                continue
-            print()
-            messages.append({"role": "assistant", "content": "".join(reply)})
+        chat_repl(session, _sampling(session, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     seed=seed), system)
 
 
 @app.command()
