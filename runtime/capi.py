@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import llmexport
 from llmexport import LLMExportError
+from llmexport.runtime import defaults
 
 if TYPE_CHECKING:  # imported when the first session opens, inside the embedded interpreter
     from llmexport.runtime.session import Session
@@ -150,8 +151,10 @@ class CApi:
         d = SamplingParams()
         return {name: int(v) if isinstance(v, bool) else v for name, v in vars(d).items() if name in SAMPLING_V0}
 
-    def open_session(self, bundle_dir, out, backend=None, device=None, check_integrity=False, threads=0) -> int:
+    def open_session(self, bundle_dir, out, backend=None, device=None, check_integrity=False, threads=0,
+                     speculative=None, speculative_tokens=0, draft=None) -> int:
         from llmexport.runtime.session import BACKENDS, Session
+        from llmexport.runtime.speculation import SpeculationConfig
 
         ffi = self.ffi
         if out == ffi.NULL or bundle_dir == ffi.NULL:
@@ -164,9 +167,18 @@ class CApi:
                                                f"{device_name!r}; backends: {', '.join(BACKENDS)}; devices: cpu, cuda")
         if threads < 0:
             return self.fail(INVALID_ARGUMENT, f"llmx_open_options.threads={threads} must be >= 0 (0: default)")
+        method = self.text(speculative or ffi.NULL, "") or None
+        draft_dir = self.text(draft or ffi.NULL, "") or None
+        tokens = speculative_tokens or defaults.SPECULATIVE_TOKENS
+        if method is not None or draft_dir is not None:
+            try:
+                SpeculationConfig(method or "", tokens, draft=draft_dir)
+            except LLMExportError as e:
+                return self.fail(INVALID_ARGUMENT, f"llmx_open_options: {e}")
         try:
             session = Session(self.text(bundle_dir), backend_name, device_name, threads=threads or None,
-                              check_integrity=bool(check_integrity))
+                              check_integrity=bool(check_integrity), speculative=method,
+                              speculative_tokens=tokens, draft=draft_dir)
         except LLMExportError as e:
             return self.fail(BUNDLE, str(e))
         handle = next(self.ids)
@@ -218,8 +230,9 @@ class CApi:
         self.init(params, "llmx_sampling", size, self.sampling_defaults())
 
     def llmx_open_options_init_size(self, options, size):
-        defaults = {"backend": self.ffi.NULL, "device": self.ffi.NULL, "check_integrity": 0, "threads": 0}
-        self.init(options, "llmx_open_options", size, defaults)
+        fields = {"backend": self.ffi.NULL, "device": self.ffi.NULL, "check_integrity": 0, "threads": 0,
+                  "speculative": self.ffi.NULL, "speculative_tokens": 0, "draft": self.ffi.NULL}
+        self.init(options, "llmx_open_options", size, fields)
 
     def llmx_free_string(self, s):
         if s != self.ffi.NULL:

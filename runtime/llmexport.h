@@ -107,6 +107,9 @@ typedef struct {
     const char *device;          /* NULL = "cpu" */
     int32_t check_integrity;     /* non-zero: hash every bundle file against its manifest first */
     int32_t threads;             /* CPU threads; 0 = the library's default (every core) */
+    const char *speculative;     /* NULL = off; "ngram" (prompt lookup) or "draft" (needs draft) */
+    int32_t speculative_tokens;  /* proposals verified per call; 0 = the default (5) */
+    const char *draft;           /* the draft bundle's directory (speculative "draft"); NULL = none */
 } llmx_open_options;
 
 /* Fill the first struct_size bytes of *options with defaults (pass sizeof *options). */

@@ -146,3 +146,17 @@ def test_older_struct_layouts_keep_working_and_integrity_is_an_open_option(capi_
     assert lines["open_damaged"].startswith("2 1 ") and "weights.bin" in lines["open_damaged"]
     assert "sha256 mismatch" in lines["open_damaged"]
     assert lines["bad_threads"] == "1"
+
+
+def test_speculative_decoding_is_an_open_option(capi_dir, bundle_factory, tmp_path):
+    """speculative "ngram" or "draft" (with a draft bundle) give plain decoding's tokens; a bad
+    method or a draft method without a bundle is LLMX_ERROR_INVALID_ARGUMENT naming the fix."""
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    program = _compile(capi_dir, HERE / "speculative.c", tmp_path / "speculative")
+    done = _run(program, bundle_dir)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in done.stdout.splitlines()}
+    assert lines["plain"].split()[0] == "0" and len(lines["plain"].split()) == 25
+    assert lines["ngram"] == lines["plain"] and lines["draft"] == lines["plain"]
+    assert lines["bad_method"].startswith("1 ") and "not one of ngram, draft" in lines["bad_method"]
+    assert lines["draft_without_bundle"].startswith("1 ") and "needs a draft bundle" in lines["draft_without_bundle"]
