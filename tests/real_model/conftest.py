@@ -58,6 +58,20 @@ class RealModelChecks:
             ours = session.generate([expected.ids], SamplingParams(max_new_tokens=self.new_tokens))
             assert ours.token_ids[0] == expected.tokens, prompt
 
+    def test_speculative_decoding_keeps_the_greedy_tokens(self, bundle, session, oracle):
+        """Prompt lookup on the real model: transformers' greedy tokens for every prompt, and plain
+        decoding's for a reply that copies its prompt (where proposals are accepted)."""
+        copy = [{"role": "user", "content": "Repeat this list exactly: apple, banana, cherry, damson, elderberry, "
+                                            "fig, grape, apple, banana, cherry, damson, elderberry, fig, grape."}]
+        plain = session.chat(copy, SamplingParams(max_new_tokens=self.new_tokens)).token_ids[0]
+        with Session(bundle, speculative="ngram", speculative_tokens=4) as fast:
+            fast.engine.speculation_cost.worth_it = lambda *args: True  # verify whenever there is a proposal
+            for prompt, expected in oracle.prompts.items():
+                ours = fast.generate([expected.ids], SamplingParams(max_new_tokens=self.new_tokens))
+                assert ours.token_ids[0] == expected.tokens, prompt
+            assert fast.chat(copy, SamplingParams(max_new_tokens=self.new_tokens)).token_ids[0] == plain
+            assert fast.engine.stats["accepted_tokens"] > 0
+
     def test_chat_equals_transformers(self, session, oracle):
         assert session.render_chat(self.chat) == oracle.chat.ids
         reply = session.chat(self.chat, SamplingParams(max_new_tokens=self.new_tokens))
