@@ -269,6 +269,22 @@ def _sampling(session, **given):
     return session.default_params(**{k: v for k, v in given.items() if v is not None})
 
 
+SPECULATIVE_HELP = ("Speculative decoding: ngram (prompt lookup) or draft (with --draft): the same tokens, fewer "
+                    "passes where output repeats input.")
+
+
+def _speculative_option():
+    return typer.Option(None, help=SPECULATIVE_HELP)
+
+
+def _draft_option():
+    return typer.Option(None, help="Draft bundle for --speculative draft (a smaller model, same tokenizer).")
+
+
+def _speculative_tokens_option():
+    return typer.Option(defaults.SPECULATIVE_TOKENS, min=1, max=32, help="Proposals verified per call.")
+
+
 @app.command()
 def generate(
     bundle: Path = typer.Option(..., help="Bundle directory."),
@@ -292,6 +308,9 @@ def generate(
     check_integrity: bool = typer.Option(False, "--check-integrity",
                                          help="Hash every bundle file against its manifest first."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON result instead of streaming text."),
+    speculative: Optional[str] = _speculative_option(),
+    speculative_tokens: int = _speculative_tokens_option(),
+    draft: Optional[Path] = _draft_option(),
 ) -> None:
     """Generate from a bundle, streaming text as it comes."""
     from llmexport.runtime.session import Session
@@ -303,8 +322,8 @@ def generate(
         raise LLMExportError("--system needs --chat")
     if not prompts and chat is None:
         raise LLMExportError("give a --prompt, --token-ids or --chat")
-    with Session(bundle, backend=backend, device=device, threads=threads,
-                 check_integrity=check_integrity) as session:
+    with Session(bundle, backend=backend, device=device, threads=threads, check_integrity=check_integrity,
+                 speculative=speculative, speculative_tokens=speculative_tokens, draft=draft) as session:
         params = _sampling(session, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop) or None,
                            ignore_eos=ignore_eos or None)
@@ -385,6 +404,9 @@ def chat_command(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
     check_integrity: bool = typer.Option(False, "--check-integrity",
                                          help="Hash every bundle file against its manifest first."),
+    speculative: Optional[str] = _speculative_option(),
+    speculative_tokens: int = _speculative_tokens_option(),
+    draft: Optional[Path] = _draft_option(),
 ) -> None:
     """Interactive multi-turn chat with a bundle.
 
@@ -393,8 +415,8 @@ def chat_command(
     from llmexport.runtime.chat_repl import chat_repl
     from llmexport.runtime.session import Session
 
-    with Session(bundle, backend=backend, device=device, threads=threads,
-                 check_integrity=check_integrity) as session:
+    with Session(bundle, backend=backend, device=device, threads=threads, check_integrity=check_integrity,
+                 speculative=speculative, speculative_tokens=speculative_tokens, draft=draft) as session:
         _check_chat(session, bundle)
         chat_repl(session, _sampling(session, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                      seed=seed), system)
@@ -546,6 +568,34 @@ def bench_reuse(
     console.print("written: " + ", ".join(str(p) for p in paths.values()))
 
 
+@app.command("bench-speculative")
+def bench_speculative(
+    bundle: Path = typer.Option(..., help="Bundle with a chat template and max_seq_len >= 2048 (the code prompts "
+                                          "are up to 1,000 tokens)."),
+    threads: int = typer.Option(2, min=1, help="CPU threads."),
+    tokens: int = typer.Option(defaults.SPECULATIVE_TOKENS, min=1, max=32, help="Proposals per verification."),
+    prompts: int = typer.Option(10, min=1, max=10, help="Prompts per workload."),
+    out: Path = typer.Option(BENCH_OUT, help=BENCH_OUT_HELP),
+    name: Optional[str] = typer.Option(None, help="Report file name (default: BUNDLE_DIR_NAME-speculative)."),
+) -> None:
+    """Measure speculative decoding against plain decoding.
+
+    Batch 1, greedy, prompt lookup: decode tokens/s on a code-edit workload and on stories,
+    with the acceptance rate and a check that the outputs are identical."""
+    from llmexport.benchmarks.report import check_name
+    from llmexport.benchmarks.speculative import SpeculativeBenchConfig, markdown, run_speculative_benchmark, write
+
+    name = check_name(name or f"{bundle.resolve().name}-speculative")
+    config = SpeculativeBenchConfig(str(bundle), threads, tokens, prompts=prompts,
+                                    command="llmexport " + " ".join(sys.argv[1:]))
+    with _progress(bar=False) as status:
+        task = status.add_task("benchmarking", total=None)
+        result = run_speculative_benchmark(config, progress=lambda message: status.update(task, description=message))
+    paths = write(result, out, name)
+    console.print(markdown(result))
+    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
 @app.command("bench-kernels")
 def bench_kernels(
     device: str = typer.Option("cuda", help="cuda (meaningful timings) or cpu (needs TRITON_INTERPRET=1)."),
@@ -583,6 +633,9 @@ def serve(
                                              "latency vs time to first token)."),
     prompt_reuse: bool = typer.Option(defaults.PROMPT_REUSE, "--prompt-reuse/--no-prompt-reuse",
                                       help="Keep finished requests' KV rows for prompts that start the same way."),
+    speculative: Optional[str] = _speculative_option(),
+    speculative_tokens: int = _speculative_tokens_option(),
+    draft: Optional[Path] = _draft_option(),
     model_name: Optional[str] = typer.Option(None, help="The model id clients pass (default: the bundle's model)."),
     shutdown_timeout: float = typer.Option(30.0, min=0, help="On SIGTERM, seconds in-flight requests get to finish."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
@@ -597,7 +650,8 @@ def serve(
 
     print(f"serving {bundle} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
     run(str(bundle), host, port, backend=backend, device=device, threads=threads, max_queue=max_queue,
-        prefill_chunk=prefill_chunk, prefill_stall=prefill_stall, prompt_reuse=prompt_reuse, model_name=model_name,
+        prefill_chunk=prefill_chunk, prefill_stall=prefill_stall, prompt_reuse=prompt_reuse, speculative=speculative,
+        speculative_tokens=speculative_tokens, draft=str(draft) if draft else None, model_name=model_name,
         shutdown_timeout=shutdown_timeout)
 
 

@@ -224,7 +224,8 @@ class Session:
         started, steps = time.perf_counter(), engine.stats["decode_steps"]
         matchers = [self.grammars.matcher(response_format) if response_format else None for _ in prompts]
         requests = [engine.submit(p, replace(params, seed=(params.seed + row) % 2**63) if row else params,
-                                  index=row, sink=events.append, matcher=matchers[row]) for row, p in enumerate(prompts)]
+                                  index=row, sink=events.append, matcher=matchers[row])
+                    for row, p in enumerate(prompts)]
         try:
             while True:
                 engine.wait(lambda: events or all(r.done for r in requests))

@@ -16,7 +16,8 @@ def serve(bundle_dir: str, host: str = "127.0.0.1", port: int = defaults.SERVE_P
           device: str = "cpu", threads: int | None = None, max_queue: int | None = defaults.SERVE_MAX_QUEUE,
           prefill_chunk: int = defaults.PREFILL_CHUNK, prefill_stall: float = defaults.PREFILL_STALL,
           prompt_reuse: bool = defaults.PROMPT_REUSE, speculative: str | None = None,
-          speculative_tokens: int = defaults.SPECULATIVE_TOKENS, model_name: str | None = None,
+          speculative_tokens: int = defaults.SPECULATIVE_TOKENS, draft: str | None = None,
+          model_name: str | None = None,
           shutdown_timeout: float = 30.0) -> None:
     """Serve until SIGINT/SIGTERM: uvicorn stops accepting connections, waits up to
     `shutdown_timeout` seconds for in-flight requests to finish, then the engine cancels the rest."""
@@ -30,7 +31,7 @@ def serve(bundle_dir: str, host: str = "127.0.0.1", port: int = defaults.SERVE_P
 
     with Session(bundle_dir, backend, device, threads=threads, max_queue=max_queue,
                  prefill_chunk=prefill_chunk, prefill_stall=prefill_stall, prompt_reuse=prompt_reuse,
-                 speculative=speculative, speculative_tokens=speculative_tokens) as session:
+                 speculative=speculative, speculative_tokens=speculative_tokens, draft=draft) as session:
         app = create_app(session, model_name)
         # uvicorn handles SIGINT/SIGTERM while it runs (graceful shutdown), then re-raises the signal
         # into the handler it found: a no-op here, so a requested stop exits 0 instead of dying of it.

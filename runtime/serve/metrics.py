@@ -67,7 +67,8 @@ class Metrics:
                 "# HELP llmexport_generated_tokens_total Tokens sampled.",
                 "# TYPE llmexport_generated_tokens_total counter",
                 f"llmexport_generated_tokens_total {engine.stats['generated_tokens']}",
-                "# HELP llmexport_prompt_tokens_total Prompt tokens of admitted requests, by where their cache came from.",
+                "# HELP llmexport_prompt_tokens_total Prompt tokens of admitted requests, by where their cache "
+                "came from.",
                 "# TYPE llmexport_prompt_tokens_total counter",
                 f'llmexport_prompt_tokens_total{{source="reused"}} {engine.stats["reused_prompt_tokens"]}',
                 f'llmexport_prompt_tokens_total{{source="computed"}} '

@@ -120,3 +120,19 @@ def test_bad_speculation_settings_are_one_line_errors(bundle_factory):
                             ({"speculative": "draft", "draft": small}, "re-export the draft with --max-batch 4")):
         with pytest.raises(LLMExportError, match=message):
             Session(target, **kwargs)
+
+
+def test_the_cli_gives_the_same_tokens_with_speculation(bundle_factory):
+    import json
+
+    from tests.conftest import run_cli
+
+    bundle, _ = bundle_factory("qwen2", "ort")
+    ids = ",".join(str(t) for t in REPEATING)
+    base = ["generate", "--bundle", str(bundle), "--token-ids", ids, "--max-new-tokens", "16", "--ignore-eos", "--json"]
+    plain = run_cli(*base)
+    fast = run_cli(*base, "--speculative", "ngram", "--speculative-tokens", "3")
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    assert json.loads(fast.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    bad = run_cli(*base, "--speculative", "medusa")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "not one of ngram, draft" in bad.stderr
