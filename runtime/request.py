@@ -1,7 +1,7 @@
 """One request in the engine: its explicit state, what it has produced, and how its caller reads it.
 
     WAITING --admitted--> PREFILLING --last prompt token's logits--> DECODING --stops--> FINISHED
-       \------ (a cached prefix leaves one token: decoded, not prefilled) ------/
+       `------ (a cached prefix leaves one token: decoded, not prefilled) ------^
 
 A request prefills `prompt[filled:feed]` in one or more chunks (runtime/scheduler.py plans them),
 then decodes one token per step until it stops. A scoring request (`score=True`) only prefills:

@@ -35,7 +35,7 @@ def create_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "
     """The named backend for `bundle`; heavy libraries are imported only for the one asked for.
 
     cuda_graph: capture decode as CUDA graphs (None: no; on onnxruntime UNVERIFIED, see
-    onnxruntime_backend).
+    runtime/backends/onnxruntime.py).
     threads: CPU threads of the compute library (None: its default, every core).
     reference: a model source (exporter.verify.reference_source: the checkpoint or preset the
     bundle came from); the torch backend then runs its weights in float32 (eval --model).
