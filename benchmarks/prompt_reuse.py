@@ -22,7 +22,8 @@ from pathlib import Path
 
 from llmexport import LLMExportError
 
-from .report import write_reports
+from .report import save_figure, write_reports
+from .serving import host_row, host_table
 from .suite import _hardware, _versions
 
 DATA = Path(__file__).parent / "data"
@@ -128,18 +129,11 @@ def masked_host_work(config: ReuseBenchConfig) -> list[dict]:
                    for i in range(batch)]
         session.grammars.matcher({"type": "json_schema", "json_schema": {"name": "book", "schema": SCHEMA}})  # compile
         session.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
-        stats = session.engine.stats
         for name, fmt in (("greedy, no mask", None),
                           ("greedy, JSON-schema mask", {"type": "json_schema",
                                                         "json_schema": {"name": "book", "schema": SCHEMA}})):
-            before = dict(stats)
-            session.generate(prompts, SamplingParams(max_new_tokens=config.host_tokens), response_format=fmt)
-            n = stats["decode_iterations"] - before["decode_iterations"]
-            wall = (stats["decode_iteration_s"] - before["decode_iteration_s"]) / n
-            graph = (stats["decode_run_s"] - before["decode_run_s"]) / n
-            rows.append({"sampling": name, "batch": batch, "iterations": n, "iteration_ms": 1000 * wall,
-                         "graph_ms": 1000 * graph, "host_ms": 1000 * (wall - graph),
-                         "host_fraction": (wall - graph) / wall, "vocab_size": session.bundle.vocab_size})
+            rows.append(host_row(session, name, prompts, SamplingParams(max_new_tokens=config.host_tokens),
+                                 response_format=fmt))
     return rows
 
 
@@ -185,49 +179,23 @@ def markdown(result: dict) -> str:
     for s in result["shared"]:
         lines.append(f"| {'on' if s['reuse'] else 'off'} | {s['received_tokens']} | {s['computed_tokens']} | "
                      f"{s['all_first_tokens_s']:.2f} | {s['median_ttft_s']:.2f} |")
-    lines += ["", f"## Host work per decode step, batch {cfg['host_batch']}", "",
-              "| sampling | iteration ms | inside the library ms | host ms | host share |", "|---|---|---|---|---|"]
-    for h in result["host_work"]:
-        lines.append(f"| {h['sampling']} | {h['iteration_ms']:.1f} | {h['graph_ms']:.1f} | {h['host_ms']:.2f} | "
-                     f"{100 * h['host_fraction']:.1f}% |")
+    lines += ["", f"## Host work per decode step, batch {cfg['host_batch']}", "", *host_table(result["host_work"])]
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    def draw(ax):
+        for key, label in (("on", "prompt reuse on"), ("off", "prompt reuse off")):
+            turns = result["chat"]["turns"][key]
+            ax.plot([t["turn"] for t in turns], [1000 * t["ttft_s"] for t in turns], marker="o", label=label)
+        ax.set_xlabel("turn")
+        ax.set_ylabel("time to first token, ms")
+        ax.set_title(f"{result['model']}: multi-turn chat")
+        ax.legend()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("on", "prompt reuse on"), ("off", "prompt reuse off")):
-        turns = result["chat"]["turns"][key]
-        ax.plot([t["turn"] for t in turns], [1000 * t["ttft_s"] for t in turns], marker="o", label=label)
-    ax.set_xlabel("turn")
-    ax.set_ylabel("time to first token, ms")
-    ax.set_title(f"{result['model']}: multi-turn chat")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(draw, path, (6, 3.5))
 
 
 def write(result: dict, out_dir: str | Path, name: str) -> dict[str, Path]:
     return write_reports(result, out_dir, name, markdown=markdown, plot=plot)
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="bench-results")
-    parser.add_argument("--name", default="prompt-reuse")
-    args = parser.parse_args()
-    import sys
-
-    found = run_reuse_benchmark(ReuseBenchConfig(args.bundle, args.threads, command=" ".join(sys.argv)),
-                                progress=lambda m: print(m, flush=True))
-    print(markdown(found))
-    write(found, args.out, args.name)

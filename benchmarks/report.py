@@ -99,6 +99,20 @@ def check_name(name: str) -> str:
     return name
 
 
+def save_figure(draw, path: Path, size: tuple[float, float]) -> None:
+    """A matplotlib figure (Agg, no display) of `size` inches: draw(ax), then saved to path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_reports(result: dict, out_dir: str | Path, name: str, markdown=markdown, plot=plot) -> dict[str, Path]:
     """`name`.json, .md and .png in out_dir; `markdown` and `plot` render this kind of result."""
     check_name(name)

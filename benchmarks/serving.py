@@ -182,17 +182,24 @@ def host_work(bundle: str, threads: int, batch: int, prompt_len: int = 32, new_t
         rng = np.random.default_rng(0)
         prompts = [rng.integers(3, session.bundle.vocab_size, size=prompt_len).tolist() for _ in range(batch)]
         session.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
-        stats = session.engine.stats
         for name, fields in SAMPLING.items():
-            before = dict(stats)
-            session.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, seed=1, **fields))
-            n = stats["decode_iterations"] - before["decode_iterations"]
-            wall = (stats["decode_iteration_s"] - before["decode_iteration_s"]) / n
-            graph = (stats["decode_run_s"] - before["decode_run_s"]) / n
-            rows.append({"sampling": name, "batch": batch, "iterations": n, "iteration_ms": 1000 * wall,
-                         "graph_ms": 1000 * graph, "host_ms": 1000 * (wall - graph),
-                         "host_fraction": (wall - graph) / wall, "vocab_size": session.bundle.vocab_size})
+            rows.append(host_row(session, name, prompts,
+                                 SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, seed=1, **fields)))
     return rows
+
+
+def host_row(session, name: str, prompts: list[list[int]], params, **generate_kwargs) -> dict:
+    """Generate `prompts` together and split the engine's decode-only iterations into wall ms,
+    ms inside the compute library, and the rest (host work)."""
+    stats = session.engine.stats
+    before = dict(stats)
+    session.generate(prompts, params, **generate_kwargs)
+    n = stats["decode_iterations"] - before["decode_iterations"]
+    wall = (stats["decode_iteration_s"] - before["decode_iteration_s"]) / n
+    inside = (stats["decode_run_s"] - before["decode_run_s"]) / n
+    return {"sampling": name, "batch": len(prompts), "iterations": n, "iteration_ms": 1000 * wall,
+            "graph_ms": 1000 * inside, "host_ms": 1000 * (wall - inside), "host_fraction": (wall - inside) / wall,
+            "vocab_size": session.bundle.vocab_size}
 
 
 def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None) -> dict:
@@ -245,11 +252,17 @@ def markdown(result: dict) -> str:
                      f"{1000 * r['itl_s']['p99']:.1f} | {r['wall_s']:.1f} |")
     lines += ["", f"Host work per decode-only engine iteration (batch {result['host_work'][0]['batch']}, vocabulary "
               f"{result['host_work'][0]['vocab_size']:,}; everything outside the compute library's run call):", "",
-              "| sampling | iteration ms | in the graph call ms | host ms | host share |", "|---|---|---|---|---|"]
-    for h in result["host_work"]:
-        lines.append(f"| {h['sampling']} | {h['iteration_ms']:.1f} | {h['graph_ms']:.1f} | {h['host_ms']:.2f} | "
-                     f"{100 * h['host_fraction']:.1f}% |")
+              *host_table(result["host_work"])]
     return "\n".join(lines) + "\n"
+
+
+def host_table(rows: list[dict]) -> list[str]:
+    """host_row's results as markdown table lines."""
+    out = ["| sampling | iteration ms | inside the library ms | host ms | host share |", "|---|---|---|---|---|"]
+    for h in rows:
+        out.append(f"| {h['sampling']} | {h['iteration_ms']:.1f} | {h['graph_ms']:.1f} | {h['host_ms']:.2f} | "
+                   f"{100 * h['host_fraction']:.1f}% |")
+    return out
 
 
 def plot(result: dict, path: Path) -> None:

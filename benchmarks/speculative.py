@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .report import write_reports
+from .report import save_figure, write_reports
 from .suite import _hardware, _versions
 
 DATA = Path(__file__).parent / "data"
@@ -134,45 +134,20 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    def draw(ax):
+        names = list(result["summary"])
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [result["summary"][n]["plain_tokens_per_s"] for n in names], 0.4, label="plain")
+        ax.bar([i + 0.2 for i in x], [result["summary"][n]["speculative_tokens_per_s"] for n in names], 0.4,
+               label="prompt lookup")
+        ax.set_xticks(list(x), names)
+        ax.set_ylabel("decode tokens/s, batch 1")
+        ax.set_title(result["model"])
+        ax.legend()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["summary"])
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    plain = [result["summary"][n]["plain_tokens_per_s"] for n in names]
-    fast = [result["summary"][n]["speculative_tokens_per_s"] for n in names]
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], plain, 0.4, label="plain")
-    ax.bar([i + 0.2 for i in x], fast, 0.4, label="prompt lookup")
-    ax.set_xticks(list(x), names)
-    ax.set_ylabel("decode tokens/s, batch 1")
-    ax.set_title(result["model"])
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(draw, path, (5, 3.2))
 
 
 def write(result: dict, out_dir: str | Path, name: str) -> dict[str, Path]:
     return write_reports(result, out_dir, name, markdown=markdown, plot=plot)
 
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=5)
-    parser.add_argument("--prompts", type=int, default=10)
-    parser.add_argument("--out", default="bench-results")
-    parser.add_argument("--name", default="speculative")
-    args = parser.parse_args()
-    found = run_speculative_benchmark(SpeculativeBenchConfig(args.bundle, args.threads, args.tokens,
-                                                             prompts=args.prompts, command=" ".join(sys.argv)),
-                                      progress=lambda m: print(m, flush=True))
-    print(markdown(found))
-    write(found, args.out, args.name)

@@ -42,6 +42,16 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n > 2**27 else f"{n / 2**20:.2f} MiB"
 
 
+def _run_report(run, config, write, markdown, out: Path, name: str) -> None:
+    """Run a benchmark under a spinner showing its progress, write its reports, print its table."""
+    with _progress(bar=False) as status:
+        task = status.add_task("benchmarking", total=None)
+        result = run(config, progress=lambda message: status.update(task, description=message))
+    paths = write(result, out, name)
+    console.print(markdown(result))
+    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
 @app.command()
 def models() -> None:
     """List the model presets with their sizes."""
@@ -489,12 +499,7 @@ def bench(
                          bundle=str(bundle) if bundle else None, workdir=str(workdir), threads=threads,
                          quants=_variants(quant),
                          genai=_names(genai, ("int4", "fp32"), "--genai"), genai_python=genai_python)
-    with _progress(bar=False) as status:
-        task = status.add_task("benchmarking", total=None)
-        result = run_benchmark(config, progress=lambda message: status.update(task, description=message))
-    paths = write_reports(result, out, name)
-    console.print(markdown(result))
-    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+    _run_report(run_benchmark, config, write_reports, markdown, out, name)
 
 
 @app.command("bench-serve")
@@ -530,12 +535,7 @@ def bench_serve(
                               seed=seed, host_batch=host_batch, prefill_chunk=prefill_chunk,
                               prefill_stall=prefill_stall,
                               command="llmexport " + " ".join(sys.argv[1:]))
-    with _progress(bar=False) as status:
-        task = status.add_task("benchmarking", total=None)
-        result = run_serve_benchmark(config, progress=lambda message: status.update(task, description=message))
-    paths = write(result, out, name)
-    console.print(markdown(result))
-    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+    _run_report(run_serve_benchmark, config, write, markdown, out, name)
 
 
 @app.command("bench-reuse")
@@ -552,20 +552,16 @@ def bench_reuse(
 ) -> None:
     """Measure what prompt reuse saves.
 
-    With reuse on and off in one run: time to first token of each turn of a multi-turn chat; prompt tokens computed for clients
-    sharing a system prompt; host work per decode step with a JSON-schema mask."""
+    With reuse on and off in one run: time to first token of each turn of a multi-turn chat;
+    prompt tokens computed for clients sharing a system prompt; host work per decode step with a
+    JSON-schema mask."""
     from llmexport.benchmarks.prompt_reuse import ReuseBenchConfig, markdown, run_reuse_benchmark, write
     from llmexport.benchmarks.report import check_name
 
     name = check_name(name or f"{bundle.resolve().name}-reuse")
     config = ReuseBenchConfig(str(bundle), threads, system_tokens, turns, clients=clients, host_batch=host_batch,
                               command="llmexport " + " ".join(sys.argv[1:]))
-    with _progress(bar=False) as status:
-        task = status.add_task("benchmarking", total=None)
-        result = run_reuse_benchmark(config, progress=lambda message: status.update(task, description=message))
-    paths = write(result, out, name)
-    console.print(markdown(result))
-    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+    _run_report(run_reuse_benchmark, config, write, markdown, out, name)
 
 
 @app.command("bench-speculative")
@@ -588,12 +584,7 @@ def bench_speculative(
     name = check_name(name or f"{bundle.resolve().name}-speculative")
     config = SpeculativeBenchConfig(str(bundle), threads, tokens, prompts=prompts,
                                     command="llmexport " + " ".join(sys.argv[1:]))
-    with _progress(bar=False) as status:
-        task = status.add_task("benchmarking", total=None)
-        result = run_speculative_benchmark(config, progress=lambda message: status.update(task, description=message))
-    paths = write(result, out, name)
-    console.print(markdown(result))
-    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+    _run_report(run_speculative_benchmark, config, write, markdown, out, name)
 
 
 @app.command("bench-kernels")
