@@ -22,6 +22,7 @@ from llmexport import LLMExportError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
 Tool = Mapping[str, object]  # {"type": "function", "function": {"name", "description", "parameters"}}
 
 
@@ -63,11 +64,16 @@ def call_schema(tools: Sequence[Tool], name: str | None = None) -> dict:
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
+def parse_tool_calls(text: str, names: Sequence[str] = ()) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) of a generated text: each well-formed <tool_call> block becomes
     {"id": "call_<hex>", "type": "function", "function": {"name", "arguments": "<JSON string>"}};
     the text outside them is the content (None when only whitespace is left). A block whose
-    inside is not {"name": str, "arguments": object} stays in the content, as written."""
+    inside is not {"name": str, "arguments": object} stays in the content, as written.
+
+    Without markup, a reply that is nothing but such a JSON object (or a list of them), bare or
+    in a ```json fence, naming one of the offered tools (`names`), is a call too: models that
+    were not trained on the markup answer so (Qwen2.5-Coder does; vLLM and ollama report the
+    same). Any other text around it keeps it content."""
     calls, outside, end = [], [], 0
     for block in _BLOCK.finditer(text):
         call = _call(block.group(1))
@@ -77,10 +83,31 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
         end = block.end()
         calls.append(call)
     if not calls:
+        bare = _bare_calls(text, names)
+        if bare:
+            return None, bare
         return (text if text.strip() else None), []
     outside.append(text[end:])
     content = "".join(outside).strip()
     return (content or None), calls
+
+
+def _bare_calls(text: str, names: Sequence[str]) -> list[dict]:
+    """The calls of a reply that is only {"name", "arguments"} JSON naming offered tools."""
+    body = text.strip()
+    fence = _FENCE.fullmatch(body)
+    if fence:
+        body = fence.group(1).strip()
+    if not names or not body.startswith(("{", "[")):
+        return []
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return []
+    items = value if isinstance(value, list) else [value]
+    calls = [_call(json.dumps(item)) if isinstance(item, dict) and item.get("name") in names else None
+             for item in items]
+    return calls if calls and all(calls) else []
 
 
 def _call(inside: str) -> dict | None:

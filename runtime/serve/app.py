@@ -269,8 +269,9 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
         head = {"id": run.ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": name}
         tools = parses_tools(body)
+        names = tool_markup.check_tools(body.tools) if tools else []
         if body.stream:
-            return StreamingResponse(stream(run, http, head, chat, tools, body), media_type="text/event-stream",
+            return StreamingResponse(stream(run, http, head, chat, tools, names, body), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts = [""] * len(run.requests)
         async for event in events(run, http):
@@ -284,7 +285,7 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
         for i, r in enumerate(run.requests):
             prefix, before = echo_part(run, i)
             if chat:
-                content, calls = tool_markup.parse_tool_calls(texts[i]) if tools else (texts[i], [])
+                content, calls = tool_markup.parse_tool_calls(texts[i], names) if tools else (texts[i], [])
                 message = {"role": "assistant", "content": content}
                 if calls:
                     message["tool_calls"] = calls
@@ -298,7 +299,7 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
                 "model": name, "choices": choices,
                 "usage": out.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)}
 
-    async def stream(run: Run, http: HTTPRequest, head: dict, chat: bool, tools: bool, body):
+    async def stream(run: Run, http: HTTPRequest, head: dict, chat: bool, tools: bool, names: list[str], body):
         started = set()  # choices that have sent their first chunk
         held = [""] * len(run.requests)  # with tools: a choice's text, parsed when it ends
         offsets = [0] * len(run.requests)
@@ -321,7 +322,7 @@ def create_app(session: Session, model_name: str | None = None) -> FastAPI:
                 if tools:
                     held[i] += event.text
                     if event.finish_reason:
-                        content, calls = tool_markup.parse_tool_calls(held[i])
+                        content, calls = tool_markup.parse_tool_calls(held[i], names)
                         if content:
                             delta["content"] = content
                         if calls:

@@ -106,3 +106,17 @@ def test_a_bad_tools_list_is_a_clear_error(tools, message):
 def test_tool_choice_must_name_a_given_function():
     with pytest.raises(LLMExportError, match="'get_time', which is not in tools"):
         call_schema([WEATHER, NOW], name="get_time")
+
+
+def test_a_reply_that_is_only_a_call_as_json_naming_an_offered_tool_is_a_call():
+    """Models not trained on the markup (Qwen2.5-Coder) answer with the call's JSON alone."""
+    bare = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    for text in (bare, f"```json\n{bare}\n```", f"  {bare}\n"):
+        content, calls = parse_tool_calls(text, ["get_weather"])
+        assert content is None and [c["function"]["name"] for c in calls] == ["get_weather"]
+        assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    two = f"[{bare}, {bare}]"
+    assert len(parse_tool_calls(two, ["get_weather"])[1]) == 2
+    for text, names in ((bare, ["other"]), (bare, []), (f"Here it is: {bare}", ["get_weather"]),
+                        ('{"name": "get_weather"}x', ["get_weather"])):
+        assert parse_tool_calls(text, names) == (text, [])  # not offered, no tools, prose around it, not JSON
