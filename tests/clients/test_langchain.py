@@ -5,7 +5,6 @@ SmolLM2-135M-Instruct; bind_tools on Qwen2.5-Coder-0.5B-Instruct."""
 
 from __future__ import annotations
 
-
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
