@@ -136,3 +136,44 @@ def test_the_cli_gives_the_same_tokens_with_speculation(bundle_factory):
     assert json.loads(fast.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
     bad = run_cli(*base, "--speculative", "medusa")
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "not one of ngram, draft" in bad.stderr
+
+
+class _FixedBackend:
+    """A backend whose every position has the same 4-token distribution: enough to count what
+    speculative verification emits against what the distribution says."""
+
+    name, run_s = "fixed", 0.0
+
+    def __init__(self, probs):
+        from types import SimpleNamespace
+
+        self.logits = np.log(np.asarray(probs, dtype=np.float32))
+        self.bundle = SimpleNamespace(max_seq_len=64, vocab_size=len(probs), max_batch=1)
+        self.cache_rows = 1
+
+    def step(self, phase, ids, positions, lengths, rows, copy=True, logits_at=None):
+        shape = (ids.shape[0], logits_at.shape[1]) if logits_at is not None else (ids.shape[0],)
+        return np.broadcast_to(self.logits, (*shape, len(self.logits))).copy()
+
+    def copy_row(self, src, dst, length):
+        pass
+
+
+def test_verification_keeps_the_sampled_distribution_on_a_tiny_vocabulary():
+    """Frequency test: every token is followed by 0 in the prompt, so after any token the proposal
+    is 0; the model's distribution is fixed; each request's second token, always emitted by a
+    verification (accepted proposal or correction), follows that distribution, not the proposals."""
+    from llmexport.runtime.engine import Engine
+
+    probs = [0.1, 0.2, 0.3, 0.4]
+    engine = Engine(_FixedBackend(probs), speculation=SpeculationConfig(tokens=3), prompt_reuse=False)
+    engine.speculation_cost.worth_it = lambda *args: True
+    counts = np.zeros(4)
+    for seed in range(3000):
+        request = engine.submit([1, 0, 2, 0, 3, 0, 0, 0], SamplingParams(max_new_tokens=3, temperature=1.0, seed=seed))
+        list(request)
+        counts[request.tokens[1]] += 1
+    assert engine.stats["speculative_calls"] == 3000 and engine.stats["accepted_tokens"] > 0
+    expected = np.array(probs) * counts.sum()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.3, (counts, expected)  # 3 degrees of freedom: p = 0.001
