@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field  # noqa: E402
 
 from llmexport.runtime.sampling import SamplingParams  # noqa: E402
 from llmexport.runtime.session import Session  # noqa: E402
-from tests.runtime.test_serve import Server, bundle  # noqa: E402,F401  (bundle: the tiny model)
+from tests.runtime.test_serve import bundle  # noqa: E402,F401  (bundle: the tiny model)
+from tests.runtime.test_serve import server as tiny  # noqa: E402,F401  (the tiny model served)
 
 EXTRA = {"ignore_eos": True}  # the tiny model's greedy tokens may be its EOS
 QUESTIONS = ["w40 w41 w42", "w50 w51", "w60"]
@@ -26,12 +27,6 @@ def chat_model(url: str, model: str, **kwargs) -> langchain_openai.ChatOpenAI:
     return langchain_openai.ChatOpenAI(base_url=url, api_key="unused", model=model, max_retries=0, timeout=300,
                                        **kwargs)
 
-
-@pytest.fixture(scope="module")
-def tiny(bundle):  # noqa: F811
-    server = Server(bundle, max_queue=64)
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

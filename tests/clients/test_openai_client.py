@@ -16,16 +16,11 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 openai = pytest.importorskip("openai", reason="the openai client is not installed")
 
 from tests.clients.conftest import log_softmax  # noqa: E402
-from tests.runtime.test_serve import Server, _words, bundle  # noqa: E402,F401  (bundle: the tiny model)
+from tests.runtime.test_serve import _words, bundle  # noqa: E402,F401  (bundle: the tiny model)
+from tests.runtime.test_serve import server as tiny  # noqa: E402,F401  (the tiny model served)
 
 EXTRA = {"ignore_eos": True}  # the tiny model's greedy tokens may be its EOS
 
-
-@pytest.fixture(scope="module")
-def tiny(bundle):  # noqa: F811
-    server = Server(bundle, max_queue=64)
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,9 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 
 from llmexport.runtime.sampling import SamplingParams  # noqa: E402
 from llmexport.runtime.session import Session  # noqa: E402
-from tests.runtime.test_serve import Server, _words, bundle  # noqa: E402,F401  (bundle: the module's fixture)
+from tests.runtime.test_serve import _words, bundle, server  # noqa: E402,F401  (fixtures: the tiny model served)
 
 EXTRA = {"ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def server(bundle):  # noqa: F811
-    s = Server(bundle, max_queue=64)
-    yield s
-    s.close()
 
 
 @pytest.fixture(scope="module")
