@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+
 from llmexport import LLMExportError
 
 from .logprobs import TokenLogprob, token_logprobs
@@ -55,6 +57,7 @@ class Request:
                  index: int, sink: Callable[[TokenEvent], None] | None, score: bool = False,
                  prompt_logprobs: bool = False, matcher=None):
         self.engine, self.id, self.prompt, self.params, self.index = engine, ident, prompt, params, index
+        self.ids = np.asarray(prompt, dtype=np.int64)  # the prompt as an array, for prefix matching
         self.eos, self._sink, self.score = eos, sink, score
         self.state = State.WAITING
         self.row: int | None = None  # the KV row it holds while PREFILLING or DECODING

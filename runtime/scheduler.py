@@ -22,8 +22,6 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
-
 from .kv_rows import KVRows, Lease, common_prefix
 from .request import Request, State
 
@@ -63,7 +61,7 @@ class Scheduler:
                 break
             if self._shares_prefix_being_computed(request, running.values()):
                 continue
-            lease = self.rows.take(request, request.prompt, reuse=not request.wants_every_logit)
+            lease = self.rows.take(request, request.ids, reuse=not request.wants_every_logit)
             waiting.remove(request)
             request.row, request.filled = lease.row, lease.cached
             request.reused = lease.cached
@@ -80,10 +78,10 @@ class Scheduler:
     def _shares_prefix_being_computed(self, request: Request, running: Iterable[Request]) -> bool:
         if request.wants_every_logit:
             return False
-        ids = np.asarray(request.prompt[:-1], dtype=np.int64)
+        ids = request.ids[:-1]
         for other in running:
             if other.prefilling:
-                shared = common_prefix(np.asarray(other.prompt[: other.feed], dtype=np.int64), ids)
+                shared = common_prefix(other.ids[: other.feed], ids)
                 if shared >= max(SHARED_MIN, len(request.prompt) // 2) and self.rows.length(other.row) < shared:
                     return True
         return False

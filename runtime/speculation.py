@@ -37,6 +37,9 @@ import numpy as np
 
 from llmexport import LLMExportError
 
+from .bundle import names as io
+from .kv_rows import common_prefix
+
 METHODS = ("ngram", "draft")
 
 
@@ -110,9 +113,6 @@ class DraftModel:
 
     def propose(self, row: int, sequence: list[int], k: int) -> list[int]:
         """k greedy tokens after `sequence` (which ends with the target's pending token)."""
-        from .bundle import names as io
-        from .kv_rows import common_prefix
-
         if len(sequence) + k - 1 > self.backend.bundle.max_seq_len:
             return []
         held = self.held[row]
