@@ -45,6 +45,26 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux >= 4.0: writing 5 to clear_refs resets VmHWM).
+    False where the kernel refuses, and `peak_rss_bytes` then covers the process's lifetime."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has held since the last `reset_peak_rss` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return rss_bytes()
+
+
 def host_read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
     """Bytes/s of a streaming read of a buffer far larger than the caches, by every core at once.
 

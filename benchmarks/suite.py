@@ -23,7 +23,8 @@ import llmexport
 from llmexport import LLMExportError
 from llmexport.runtime.bundle import Bundle
 
-from .measure import cuda_read_bandwidth, host_read_bandwidth, rss_bytes, stored_weight_bytes, timed
+from .measure import (cuda_read_bandwidth, host_read_bandwidth, peak_rss_bytes, reset_peak_rss, rss_bytes,
+                      stored_weight_bytes, timed)
 from .genai import GenaiRunner, default_python
 from .runners import BundleRunner, MissingRunner, TransformersEagerRunner, Unavailable
 
@@ -166,6 +167,7 @@ def _measure(runner, config: BenchConfig, vocab: int, progress: Progress) -> dic
     rng = np.random.default_rng(config.seed)
     runner.check()
     before, device_before = rss_bytes(), _device_used(config.device)
+    reset_peak_rss()  # the previous runner's peak is not this one's
     start = time.perf_counter()
     runner.load()
     result = {"backend": runner.name, "status": "ok", "load_s": time.perf_counter() - start, "ttft": {}, "decode": {}}
@@ -182,7 +184,10 @@ def _measure(runner, config: BenchConfig, vocab: int, progress: Progress) -> dic
         t = timed(runner.decode_step, runner.sync, config.warmup, config.repeats)
         result["decode"][str(batch)] = t.to_dict() | {"tokens_per_s": batch / t.median_s}
     result["host_rss_growth_bytes"] = max(rss_bytes() - before, 0)
-    result["peak_device_bytes"] = max(_device_used(config.device) - device_before, 0)
+    # CPU: the highest RSS while this runner loaded and ran, above what the process held before
+    # (RSS after the run alone reads 0 when the previous runner's freed memory is reused).
+    peak = _device_used(config.device) if config.device == "cuda" else peak_rss_bytes()
+    result["peak_device_bytes"] = max(peak - device_before, 0)
     return result
 
 

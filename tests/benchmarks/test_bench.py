@@ -180,3 +180,19 @@ def test_a_bad_report_name_fails_before_the_benchmark_runs(tmp_path):
                      "--workdir", str(tmp_path / "w"), timeout=60)
     assert result.returncode == 1 and "must be a plain file name" in result.stderr
     assert not (tmp_path / "w").exists()  # nothing was exported
+
+
+def test_peak_memory_counts_what_was_freed_before_the_reading():
+    """The report's peak memory: RSS after a runner reads 0 when it freed what it used (or reused
+    a previous runner's freed pages); the high-water mark since the reset does not."""
+    import numpy as np
+
+    from llmexport.benchmarks.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not reset the peak RSS (/proc/self/clear_refs)")
+    before = rss_bytes()
+    block = np.ones(96 * 2**20 // 8)  # 96 MiB, every page touched
+    del block
+    assert peak_rss_bytes() - before >= 90 * 2**20
+    assert reset_peak_rss() and peak_rss_bytes() - rss_bytes() < 90 * 2**20
