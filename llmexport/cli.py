@@ -703,14 +703,17 @@ app.add_typer(capi, name="capi")
 
 
 @capi.command("build")
-def capi_build(out: Path = typer.Option(..., help="Directory for include/llmexport.h and "
-                                                   "lib/libllmexport.so.")) -> None:
-    """Compile the C API library for this Python environment."""
-    from llmexport.runtime.capi import build_library
+def capi_build(out: Path = typer.Option(..., help="Directory for include/llmexport.h and lib/ (libllmexport.so "
+                                                   "and the onnxruntime-genai and ONNX Runtime libraries it loads).")
+               ) -> None:
+    """Compile the C API library (no Python inside) and gather the libraries a service ships."""
+    from llmexport.runtime.capi import build_library, shipped_files
 
-    library = build_library(out)
-    console.print(f"built {library}\nheader {out / 'include' / 'llmexport.h'}\n"
-                  f"link with: -I{out}/include -L{out}/lib -lllmexport -Wl,-rpath,{out.resolve()}/lib")
+    build_library(out)
+    files = "\n".join(f"  {p.name:<26} {size:>12,} bytes" for p, size in shipped_files(out))
+    console.print(f"header {out / 'include' / 'llmexport.h'}\nship {out / 'lib'} (with the bundle):\n{files}\n"
+                  f"link with: -I{out}/include -L{out}/lib -lllmexport -Wl,-rpath,{out.resolve()}/lib",
+                  highlight=False)
 
 
 def _parse_ids(text: str) -> list[int]:

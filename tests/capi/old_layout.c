@@ -56,6 +56,9 @@ int main(int argc, char **argv) {
     llmx_session *damaged = NULL;
     status = llmx_open_ex(argv[2], &full, &damaged);
     printf("open_damaged %d %d %s\n", status, damaged == NULL, llmx_last_error());
+    llmx_session *intact = NULL;
+    printf("open_intact %d\n", llmx_open_ex(argv[1], &full, &intact));
+    llmx_close(intact);
     full.threads = -1;
     printf("bad_threads %d\n", llmx_open_ex(argv[1], &full, &damaged));
     return 0;
