@@ -1,5 +1,6 @@
 /* Error paths of the C API, and 1,000 open/close cycles with RSS measured.
- * usage: errors BUNDLE_DIR BUNDLE_WITH_AN_UNREADABLE_TOKENIZER ; prints "name status ..." lines the test reads. */
+ * usage: errors BUNDLE_DIR BUNDLE_WITH_AN_UNREADABLE_TOKENIZER BUNDLE_WITHOUT_GENAI_CONFIG ; prints
+ * "name status ..." lines the test reads. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,7 +19,7 @@ static void report(const char *name, int status) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3) return 2;
+    if (argc < 4) return 2;
     llmx_session *s = NULL;
     int32_t prompt[3] = {5, 6, 7};
     int32_t out[8];
@@ -29,6 +30,7 @@ int main(int argc, char **argv) {
     printf("missing_bundle_handle_null %d\n", s == NULL);
     report("null_out", llmx_open(argv[1], NULL, NULL, NULL));
     report("bad_backend", llmx_open(argv[1], "nope", NULL, &s));
+    report("no_genai_config", llmx_open(argv[3], NULL, NULL, &s));
 
     if (llmx_open(argv[1], NULL, NULL, &s) != LLMX_OK) { report("open", 1); return 1; }
     llmx_sampling_init(&params);

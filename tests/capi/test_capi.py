@@ -138,12 +138,16 @@ def test_error_paths_and_1000_open_close_cycles(capi_dir, bundle, tmp_path):
     shutil.copytree(bundle, unreadable)
     (unreadable / "tokenizer_config.json").unlink()
     (unreadable / "tokenizer.json").write_text('{"model": {"type": "WordLevel", "vocab": {"a": 0}}}')
+    portable = tmp_path / "portable"  # what onnxruntime-genai cannot run: no genai_config.json
+    shutil.copytree(bundle, portable)
+    (portable / "genai_config.json").unlink()
     program = _compile(capi_dir, HERE / "errors.c", tmp_path / "errors")
-    done = _run(program, bundle, unreadable)
+    done = _run(program, bundle, unreadable, portable)
     assert done.returncode == 0, done.stderr
     lines = {line.split(" ", 1)[0]: line.split(" ", 2)[1:] for line in done.stdout.splitlines()}
     raw = dict(line.partition(" ")[::2] for line in done.stdout.splitlines())
-    expected_status = {"missing_bundle": 2, "null_out": 1, "bad_backend": 1, "bad_temperature": 1, "bad_top_p": 1,
+    expected_status = {"missing_bundle": 2, "null_out": 1, "bad_backend": 1, "no_genai_config": 2,
+                       "bad_temperature": 1, "bad_top_p": 1,
                        "uninitialised_params": 1, "bad_token": 1, "null_prompt": 1, "prompt_too_long": 3,
                        "past_max_len": 0, "generate_text": 0, "open_unreadable_tokenizer": 0,
                        "text_without_tokenizer": 1, "still_usable": 0, "close": 0, "close_twice": 1,
@@ -153,6 +157,7 @@ def test_error_paths_and_1000_open_close_cycles(capi_dir, bundle, tmp_path):
         if status:  # every failure has a readable message
             assert len(lines[name][1]) > 10, name
     assert "no tokenizer" in raw["text_without_tokenizer"]
+    assert "genai_config.json" in raw["no_genai_config"] and "--target ort" in raw["no_genai_config"]
     assert lines["missing_bundle_handle_null"] == ["1"]
     assert lines["past_max_len_reason"] == ["max_seq_len", "62"]  # 64 slots - 3 prompt + the last sampled
     assert lines["still_usable_tokens"] == ["4"]
