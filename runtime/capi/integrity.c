@@ -13,7 +13,8 @@ static int check_file(const char *dir, const char *name, const char *entry) {
     char path[4096], want[80], got[65];
     double bytes = -1;
     struct stat st;
-    if (!json_string(json_get(entry, "sha256"), want, sizeof want) || !json_number(json_get(entry, "bytes"), &bytes))
+    if (!*name || !json_string(json_get(entry, "sha256"), want, sizeof want) ||
+        !json_number(json_get(entry, "bytes"), &bytes))
         return llmx_fail(LLMX_ERROR_BUNDLE, "%s/manifest.json: integrity entry for '%s' is malformed; re-export the "
                          "bundle", dir, name);
     if (strstr(name, "..") || name[0] == '/')

@@ -60,7 +60,10 @@ const char *json_member(const char *object, size_t index, char *key, size_t cap)
         const char *colon = ws(p);
         if (*colon != ':') return NULL;
         const char *value = ws(colon + 1);
-        if (i == index) return json_string(name, key, cap) ? value : NULL;
+        if (i == index) {
+            if (!json_string(name, key, cap) && cap) key[0] = '\0'; /* too long or escaped: "" */
+            return value;
+        }
         if (!(p = ws(skip(value)))) return NULL;
         if (*p++ != ',') return NULL;
         p = ws(p);

@@ -11,8 +11,8 @@
 /* The value at `path` ("model.vocab_size"; keys separated by dots) in `json`, or NULL. */
 const char *json_get(const char *json, const char *path);
 
-/* The index-th member's value of the object at `object` (its key copied into key[cap]), or NULL
- * past the last member or when `object` is not an object. */
+/* The index-th member's value of the object at `object` (its key copied into key[cap]; "" when
+ * it does not fit or has \u escapes), or NULL past the last member or when `object` is not an object. */
 const char *json_member(const char *object, size_t index, char *key, size_t cap);
 
 /* The index-th item of the array at `array`, or NULL past the last item or when not an array. */
