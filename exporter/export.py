@@ -1,7 +1,8 @@
-"""`export_bundle`: model source -> prefill.onnx + decode.onnx + weights.bin + manifest.json.
+"""`export_bundle`: model source -> prefill.onnx + decode.onnx + weights.bin + manifest.json
+(`ort`: also genai.onnx + genai_config.json, onnxruntime-genai's decoder and config).
 
-The chain: open the source -> trace both phases on `meta` -> stream the weights into one file
--> point both graphs at it -> optimise per target -> save, check -> manifest -> rename into
+The chain: open the source -> trace each graph on `meta` -> stream the weights into one file
+-> point every graph at it -> optimise per target -> save, check -> manifest -> rename into
 place. Host memory stays at a few tensors whatever the model size.
 """
 
@@ -11,6 +12,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -28,6 +30,7 @@ from llmexport.model.config import ModelConfig, check_dtype
 from llmexport.model.weights import ModelSource, open_source
 from llmexport.runtime.bundle import KVLayout, read_json
 from llmexport.runtime.bundle import names as io
+from llmexport.runtime.bundle.genai import write_genai_config
 from llmexport.runtime.bundle.manifest import (ChatFiles, ExportRecord, Generation, GraphRecord, Limits, Manifest,
                                                ModelRecord, TensorSpec, write_manifest)
 from llmexport.runtime.bundle.quant import Quantization
@@ -38,7 +41,7 @@ from llmexport.runtime.generation_config import eos_token_ids, sampling_defaults
 from . import attention_function
 from .contrib_schemas import register_contrib_schemas
 from .quantize import QuantConfig, check_quant, layout, quantize_graph
-from .targets import check_target, writes_cache_in_place
+from .targets import check_target, graph_phases, writes_cache_in_place
 from .trace import trace
 from .weights_file import IR_DTYPES, attach_weights, fold_weight_transposes, write_weights
 
@@ -94,20 +97,21 @@ def export_bundle(
     cache = KVLayout.of(config, max_seq_len, in_place=writes_cache_in_place(target))
 
     graphs, quantized = {}, {}
-    for i, phase in enumerate((io.PREFILL, io.DECODE)):
-        progress("trace", i, 2)
+    phases = graph_phases(target)
+    for i, phase in enumerate(phases):
+        progress("trace", i, len(phases))
         graphs[phase] = _quiet(trace, config, dtype, max_seq_len, max_batch, phase, target)
         fold_weight_transposes(graphs[phase])
         if quant is not None:
             quantized[phase] = quantize_graph(graphs[phase], config, quant, IR_DTYPES[dtype], target)
         if target != "ort":
             attention_function.add_to(graphs[phase])
-    progress("trace", 2, 2)
-    if quant is not None and quantized[io.PREFILL] != quantized[io.DECODE]:
-        raise LLMExportError("internal: prefill and decode graphs disagree on their quantized weights")
+    progress("trace", len(phases), len(phases))
+    if quant is not None and any(quantized[p] != quantized[io.PREFILL] for p in phases):
+        raise LLMExportError("internal: the graphs disagree on their quantized weights")
     names = set(graphs[io.PREFILL].graph.initializers)
-    if names != set(graphs[io.DECODE].graph.initializers):
-        raise LLMExportError("internal: prefill and decode graphs disagree on their weights")
+    if any(set(graphs[p].graph.initializers) != names for p in phases):
+        raise LLMExportError("internal: the graphs disagree on their weights")
 
     with staging(out, force) as tmp:
         done = 0
@@ -121,9 +125,9 @@ def export_bundle(
                                 quantized.get(io.PREFILL))
         graph_files = {}
         for i, (phase, graph) in enumerate(graphs.items()):
-            progress("optimize", i, 2)
+            progress("optimize", i, len(graphs))
             attach_weights(graph, entries, dtype, tmp)
-            graph = _optimize(graph, target)
+            graph = _optimize(graph, target, phase)
             _check_weights_kept(graph, names, phase)
             graph.ir_version = IR_VERSION
             path = tmp / f"{phase}.onnx"
@@ -131,10 +135,10 @@ def export_bundle(
             register_contrib_schemas()
             onnx.checker.check_model(str(path), full_check=True)
             graph_files[phase] = _graph_manifest(graph, path.name, cache)
-        progress("optimize", 2, 2)
+        progress("optimize", len(graphs), len(graphs))
         side = _copy_side_files(source, tmp)
         files = [*(g.file for g in graph_files.values()), io.WEIGHTS_FILE, *source.side_files()]
-        write_manifest(tmp, Manifest(
+        manifest = Manifest(
             llmexport_version=llmexport.__version__,
             model=ModelRecord(source.name, config.to_dict(), None if source.checkpoint_dir else seed),
             dtype=dtype,
@@ -150,7 +154,12 @@ def export_bundle(
             engines={},
             export=ExportRecord(round(time.perf_counter() - started, 3), torch.__version__, onnx.__version__,
                                 graphs[io.PREFILL].opset_imports.get("", None)),
-        ), files)
+        )
+        if io.GENAI in graph_files:
+            generation = read_json(tmp / manifest.generation.file) if manifest.generation.file else None
+            manifest = replace(manifest, genai_config=write_genai_config(tmp, manifest, generation or {}))
+            files.append(manifest.genai_config)
+        write_manifest(tmp, manifest, files)
     return out
 
 
@@ -191,7 +200,7 @@ def _graph_manifest(graph: ir.Model, file: str, cache: KVLayout) -> GraphRecord:
                        tuple(sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in graph.graph})))
 
 
-def _optimize(model: ir.Model, target: str) -> ir.Model:
+def _optimize(model: ir.Model, target: str, phase: str) -> ir.Model:
     """onnxscript's optimiser minus the passes that would touch weights (deduplicating equal
     initializers, folding nodes that read them): the graphs must keep pointing at weights.bin.
     The `ort` target also gets ONNX Runtime's fused RMSNorm ops (SimplifiedLayerNormalization,
@@ -216,7 +225,7 @@ def _optimize(model: ir.Model, target: str) -> ir.Model:
     if target == "ort":
         fuse_rms_normalization(model)
         fuse_skip_rms_normalization(model)
-        _total_seq_len_input(model)
+        (_total_seq_len_from_mask if phase == io.GENAI else _total_seq_len_input)(model)
         cleanup(model)
     return model
 
@@ -247,6 +256,21 @@ def _total_seq_len_input(model: ir.Model) -> None:
     for node in model.graph:
         if node.op_type == "GroupQueryAttention":
             node.replace_input_with(io.GQA_TOTAL_SEQ_LEN_INPUT, total)
+
+
+def _total_seq_len_from_mask(model: ir.Model) -> None:
+    """genai.onnx: GroupQueryAttention's total_sequence_length is the attention mask's width, as
+    onnxruntime-genai's model builder derives it (a shape, known on the host: no device-to-host
+    copy; under CUDA-graph capture genai's mask is max_length wide and real lengths travel in
+    seqlens_k, the mask's row sums)."""
+    mask = next(v for v in model.graph.inputs if v.name == io.ATTENTION_MASK)
+    width = ir.node("Shape", [mask], attributes={"start": 1, "end": 2})  # (1,)
+    scalar = ir.node("Squeeze", [width.outputs[0]])  # ()
+    total = ir.node("Cast", [scalar.outputs[0]], attributes={"to": int(ir.DataType.INT32)})
+    model.graph.insert_before(next(iter(model.graph)), [width, scalar, total])
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            node.replace_input_with(io.GQA_TOTAL_SEQ_LEN_INPUT, total.outputs[0])
 
 
 def _check_weights_kept(graph: ir.Model, names: set[str], phase: str) -> None:

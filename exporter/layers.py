@@ -122,8 +122,9 @@ def _repeat(traced: ir.Model, small: ModelConfig, kind_of: list[int]) -> ir.Mode
         if n in after:
             builder.clone(n, {}, "")
 
-    phase = io.PREFILL if any(v.name == io.LOGITS_INDEX for v in graph.inputs) else io.DECODE
-    inputs = [builder.graph_input(name) for name in kv.graph_inputs(num_layers, phase)]
+    traced_caches = kv.cache_inputs(small.num_layers)
+    tokens = [v.name for v in graph.inputs if v.name not in traced_caches]  # the phase's own, kept as traced
+    inputs = [builder.graph_input(name) for name in [*tokens, *kv.cache_inputs(num_layers)]]
     outputs = [builder.map[graph.outputs[0]]]
     for i, j in enumerate(kind_of):
         for ours, theirs in zip((io.present_key(i), io.present_value(i)), (io.present_key(j), io.present_value(j))):

@@ -24,6 +24,7 @@ from onnxscript import opset18 as op
 
 from llmexport import LLMExportError
 from llmexport.model.config import ModelConfig
+from llmexport.runtime.bundle import names as io
 
 from . import attention_function
 from .contrib_schemas import MS_DOMAIN, register_contrib_schemas
@@ -41,6 +42,13 @@ def writes_cache_in_place(target: str) -> bool:
     """Whether `target`'s graphs write new cache slots into the past buffer (the KV layout's
     in_place): GroupQueryAttention shares past and present; the others return new tensors."""
     return target == "ort"
+
+
+def graph_phases(target: str) -> tuple[str, ...]:
+    """The graphs a `target` bundle carries: prefill and decode, and on `ort` also onnxruntime-genai's
+    decoder (genai.onnx: genai shares one past/present buffer, which GroupQueryAttention's in-place
+    write, the `ort` attention, needs)."""
+    return (io.PREFILL, io.DECODE, io.GENAI) if target == "ort" else (io.PREFILL, io.DECODE)
 
 
 def check_target(target: str, dtype: str) -> None:

@@ -4,7 +4,9 @@ Inputs and outputs are runtime/bundle/kv.py's graph_inputs/graph_outputs. Decode
 each row's one new token's logits; prefill returns the logits at the positions the caller picks
 (`logits_index`: the last real token, or every position for scoring). Both return the updated
 caches. Prefill has dynamic batch, sequence and picked positions; decode has sequence fixed to
-1, so for a given batch every shape is static (CUDA-graph capturable).
+1, so for a given batch every shape is static (CUDA-graph capturable). The `genai` graph
+(`ort` bundles) is onnxruntime-genai's contract: ids and an attention mask in, the last real
+token's logits out, caches of any length up to max_seq_len (genai sizes them by max_length).
 """
 
 from __future__ import annotations
@@ -52,6 +54,24 @@ class _Prefill(_Decode):
         return self.run(input_ids, position_ids, seq_lens, caches, logits_index)  # logits (B, K, V)
 
 
+class _Genai(_Decode):
+    """onnxruntime-genai's decoder contract over the same model: one graph for the first prompt
+    (right-padded, S == the mask's width), later chunks (batch 1) and decode steps (S == 1),
+    returning each row's last real token's logits (B, 1, V), the shape genai takes as already
+    picked. The mask gives what the other graphs are fed: seq_lens (its row sums) and the
+    positions (0.. for a first prompt, else after the tokens already held)."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, *caches: Tensor):
+        seq_lens = attention_mask.sum(-1)  # (B,)
+        start = (seq_lens - input_ids.shape[1]).clamp(min=0)  # (B,) the position of this step's first token
+        position_ids = start[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)  # (B, S)
+        last = io.logits_index(seq_lens, position_ids)[:, None]  # (B, 1)
+        return self.run(input_ids, position_ids, seq_lens, caches, last)
+
+
+_MODULES = {io.PREFILL: _Prefill, io.DECODE: _Decode, io.GENAI: _Genai}
+
+
 def trace(config: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, phase: str, target: str) -> ir.Model:
     """The graph for `phase` with initializers named like the checkpoint (+ rope tables): one
     layer of each kind traced and repeated (exporter/layers.py), or every layer traced when the
@@ -70,20 +90,15 @@ def _trace(config: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, ph
         net = LlamaModel(config, max_seq_len).to(TORCH_DTYPES[dtype]).eval()
     # Examples of size >= 2 on every dynamic axis: a size-1 example gets specialised to 1.
     batch, seq = 2, (1 if phase == io.DECODE else 2)
-    meta = dict(device="meta", dtype=torch.long)
-    args = (torch.zeros(batch, seq, **meta), torch.zeros(batch, seq, **meta), torch.zeros(batch, **meta))
-    if phase == io.PREFILL:
-        args += (torch.zeros(batch, 3, **meta),)  # logits_index (B, K); K != S so neither is specialised to the other
+    args, dynamic = _token_inputs(phase, batch, seq, max_batch, max_seq_len)
     layout = kv.KVLayout.of(config, max_seq_len)
     caches = tuple(torch.zeros(layout.shape(batch), device="meta", dtype=TORCH_DTYPES[dtype])
                    for _ in range(layout.buffers))
-    b = Dim(io.BATCH, min=1, max=max(max_batch, 2))
-    token_dims = {0: b} if phase == io.DECODE else {0: b, 1: Dim(io.SEQUENCE, min=1, max=max_seq_len)}
-    dynamic = {"input_ids": token_dims, "position_ids": token_dims, "seq_lens": {0: b},
-               "caches": tuple({0: b} for _ in caches)}
-    if phase == io.PREFILL:
-        dynamic["logits_index"] = {0: b, 1: Dim(io.PICKED, min=1, max=max_seq_len)}
-    module = _Prefill(net) if phase == io.PREFILL else _Decode(net)
+    cache_dims = {0: dynamic["input_ids"][0]}
+    if phase == io.GENAI:  # genai allocates search.max_length slots (at most max_seq_len: the rope tables' rows)
+        cache_dims[2] = Dim(io.MAX_LENGTH, min=2, max=max_seq_len)
+    dynamic["caches"] = tuple(cache_dims for _ in caches)
+    module = _MODULES[phase](net)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -98,6 +113,24 @@ def _trace(config: ModelConfig, dtype: str, max_seq_len: int, max_batch: int, ph
         _name_dim(model, model.graph.inputs[3].shape[1], io.PICKED)
     _check_signature(model, config, phase)
     return model
+
+
+def _token_inputs(phase: str, batch: int, seq: int, max_batch: int, max_seq_len: int) -> tuple[tuple, dict]:
+    """Example token inputs of `phase` (meta tensors) and their dynamic dims, by argument name."""
+    meta = dict(device="meta", dtype=torch.long)
+    b = Dim(io.BATCH, min=1, max=max(max_batch, 2))
+    token_dims = {0: b} if phase == io.DECODE else {0: b, 1: Dim(io.SEQUENCE, min=1, max=max_seq_len)}
+    ids = torch.zeros(batch, seq, **meta)
+    if phase == io.GENAI:  # the mask's width != S in the example, so neither is specialised to the other
+        mask = torch.zeros(batch, seq + 1, **meta)
+        return (ids, mask), {"input_ids": token_dims,
+                             "attention_mask": {0: b, 1: Dim(io.TOTAL_LENGTH, min=1, max=max_seq_len)}}
+    args = (ids, torch.zeros(batch, seq, **meta), torch.zeros(batch, **meta))
+    dynamic = {"input_ids": token_dims, "position_ids": token_dims, "seq_lens": {0: b}}
+    if phase == io.PREFILL:
+        args += (torch.zeros(batch, 3, **meta),)  # logits_index (B, K); K != S so neither is specialised to the other
+        dynamic["logits_index"] = {0: b, 1: Dim(io.PICKED, min=1, max=max_seq_len)}
+    return args, dynamic
 
 
 def _name_dim(model: ir.Model, dim, name: str) -> None:
@@ -131,7 +164,8 @@ def _check_signature(model: ir.Model, config: ModelConfig, phase: str) -> None:
     want_seq = 1 if phase == io.DECODE else io.SEQUENCE
     if str(ids[0]) != io.BATCH or str(ids[1]) != str(want_seq):
         raise LLMExportError(f"internal: {phase} input_ids traced as {ids}, expected [{io.BATCH}, {want_seq}]")
-    want_logits = [io.BATCH, config.vocab_size] if phase == io.DECODE else [io.BATCH, io.PICKED, config.vocab_size]
+    want_logits = {io.DECODE: [io.BATCH, config.vocab_size], io.PREFILL: [io.BATCH, io.PICKED, config.vocab_size],
+                   io.GENAI: [io.BATCH, 1, config.vocab_size]}[phase]
     logits = [d if isinstance(d, int) else str(d) for d in model.graph.outputs[0].shape]
     if logits != want_logits:
         raise LLMExportError(f"internal: {phase} logits traced as {logits}, expected {want_logits}")

@@ -3,7 +3,8 @@
 Both sides run the same random ragged prompts, then the same decode steps: the decode
 tokens are the reference's greedy choices (teacher forcing), so one early disagreement does
 not snowball into every later step. The reference runs in float32 on the bundle's own
-weights, attending over each sequence's valid length only.
+weights, attending over each sequence's valid length only. An `ort` bundle's genai.onnx runs
+the same steps as onnxruntime-genai feeds them (genai_graph.py), judged on its logits likewise.
 
 Judged like Polygraphy's comparator, per output and per dtype (TOLERANCES, documented in
 README): the error of every element is scaled by the output's scale (max |reference| of that
@@ -27,6 +28,8 @@ from llmexport.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from llmexport.runtime.backends.torch import TorchBackend
 from llmexport.runtime.bundle import Bundle
 from llmexport.runtime.bundle import names as io
+
+from .genai_graph import GenaiGraph
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,8 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
     rng = np.random.default_rng(seed)
     longest = max(1, min(32, bundle.max_seq_len - decode_steps))
     stats = {name: _Stats(name, name.startswith("logits"), tol)
-             for name in ("logits (prefill)", "logits (decode)", "present.*.key/value")}
+             for name in ("logits (prefill)", "logits (decode)", "present.*.key/value", "logits (genai prefill)",
+                          "logits (genai decode)")}
     rows_per_step = min(VERIFY_BATCH, bundle.max_batch, prompts)
     steps_per_batch = 1 + decode_steps  # at most: a batch of long prompts may have fewer cache slots to decode in
     total = -(-prompts // rows_per_step) * steps_per_batch
@@ -147,6 +151,9 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
                             prepack=False) as onnx_side, \
             TorchBackend(bundle, "cpu", "float32", cache_rows=rows_per_step, threads=threads,
                          cache_len=longest + decode_steps, source=source) as reference:
+        # `ort` bundles' genai.onnx, fed the same tokens as onnxruntime-genai feeds them (an attention mask)
+        genai = (GenaiGraph(bundle, rows_per_step, min(longest + decode_steps, bundle.max_seq_len), threads)
+                 if io.GENAI in bundle.manifest.graphs else None)
         for start in range(0, prompts, rows_per_step):
             batch = min(rows_per_step, prompts - start)
             lengths = rng.integers(1, longest + 1, batch)
@@ -157,6 +164,9 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
             got = onnx_side.step(io.PREFILL, ids, positions, lengths, rows)
             ref = reference.step(io.PREFILL, ids, positions, lengths, rows)
             stats["logits (prefill)"].add(got, ref)
+            mask = (positions < lengths[:, None]).astype(np.int64)  # right padding: 0 after each row's end
+            if genai is not None:
+                stats["logits (genai prefill)"].add(genai.step(ids, mask), ref)
             done = start // rows_per_step * steps_per_batch
             tick(done + 1, total)
             for step in range(min(decode_steps, bundle.max_seq_len - width)):
@@ -165,6 +175,9 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
                 got = onnx_side.step(io.DECODE, token, (lengths - 1)[:, None], lengths, rows)
                 ref = reference.step(io.DECODE, token, (lengths - 1)[:, None], lengths, rows)
                 stats["logits (decode)"].add(got, ref)
+                mask = np.hstack([mask, np.ones((batch, 1), np.int64)])  # genai's mask grows by a column of ones
+                if genai is not None:
+                    stats["logits (genai decode)"].add(genai.step(token, mask), ref)
                 tick(done + 2 + step, total)
             tick(done + steps_per_batch, total)
             valid = int(lengths.max())  # slots past every sequence's end are padding by design
@@ -172,5 +185,7 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
                                     strict=True):
                 for row, n in enumerate(lengths):
                     stats["present.*.key/value"].add(got_c[row, :, :n], ref_c[row, :, :n])
+        if genai is not None:
+            genai.close()
     return VerifyReport(str(bundle_dir), bundle.dtype, bundle.target, prompts, decode_steps,
                         [s.result() for s in stats.values() if s.scaled or s.nonfinite])

@@ -1,7 +1,7 @@
 """The bundle format, and its one owner: manifest schema and version (manifest.py), graph I/O
 and tensor names (names.py), the KV cache layout (kv.py), the weight file and its index
-(weights.py), integrity records (integrity.py), path rules (paths.py), writing (writer.py,
-manifest.write_manifest) and reading (reader.Bundle). Torch-free: the exporter writes through
+(weights.py), integrity records (integrity.py), path rules (paths.py), onnxruntime-genai's
+genai_config.json (genai.py), writing (writer.py, manifest.write_manifest) and reading (reader.Bundle). Torch-free: the exporter writes through
 it, the runtime reads through it, and nothing here imports either of them."""
 
 from .kv import KVLayout

@@ -44,7 +44,10 @@ def cache_outputs(num_layers: int) -> list[str]:
 
 
 def graph_inputs(num_layers: int, phase: str) -> list[str]:
-    """Every graph's inputs in order: the token inputs, then the caches."""
+    """Every graph's inputs in order: the token inputs, then the caches (genai.onnx takes
+    onnxruntime-genai's token inputs: ids and the attention mask)."""
+    if phase == io.GENAI:
+        return [io.INPUT_IDS, io.ATTENTION_MASK, *cache_inputs(num_layers)]
     picked = [io.LOGITS_INDEX] if phase == io.PREFILL else []
     return [io.INPUT_IDS, io.POSITION_IDS, io.SEQ_LENS, *picked, *cache_inputs(num_layers)]
 

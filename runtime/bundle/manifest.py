@@ -166,6 +166,7 @@ class Manifest:
     engines: dict[str, EngineRecord]  # by backend, empty until built
     export: ExportRecord
     integrity: Integrity | None = None  # None until written (write_manifest hashes the files)
+    genai_config: str | None = None  # onnxruntime-genai's config of the genai graph (`ort` bundles; genai.py)
 
     def to_dict(self) -> dict:
         m = {"format": FORMAT, "format_version": FORMAT_VERSION, "llmexport_version": self.llmexport_version,
@@ -175,6 +176,7 @@ class Manifest:
              "generation": self.generation.to_dict(), "cache": self.cache.to_dict(self.dtype),
              "quantization": self.quantization.to_dict() if self.quantization else None,
              "weights": self.weights.to_dict(), "graphs": {p: g.to_dict() for p, g in self.graphs.items()},
+             "genai_config": self.genai_config,
              "engines": {b: e.to_dict() for b, e in self.engines.items()}, "export": self.export.to_dict()}
         return m | ({"integrity": self.integrity.to_dict()} if self.integrity else {})
 
@@ -207,6 +209,8 @@ class Manifest:
             need(cache["dtype"] == m["dtype"] and isinstance(cache["in_place"], bool), f"cache {cache!r} is malformed")
             need(isinstance(weights["tensors"], dict) and type(weights["bytes"]) is int, "weights index is malformed")
             need(all(isinstance(m["graphs"][p]["file"], str) for p in (io.PREFILL, io.DECODE)), "graph files missing")
+            need(m.get("genai_config") is None or (isinstance(m["genai_config"], str) and io.GENAI in m["graphs"]),
+                 f"genai_config {m.get('genai_config')!r} is not a file name of a bundle with a genai graph")
             eos = m.get("eos_token_ids") or []
             need(all(type(t) is int and 0 <= t < config["vocab_size"] for t in eos),
                  f"eos_token_ids {m.get('eos_token_ids')!r} are not token ids")
@@ -222,7 +226,8 @@ class Manifest:
                 KVLayout.from_dict(cache), quant, index,
                 {phase: GraphRecord.from_dict(g) for phase, g in m["graphs"].items()},
                 {backend: EngineRecord.from_dict(e) for backend, e in (m.get("engines") or {}).items()},
-                ExportRecord(**m["export"]), Integrity.from_dict(m["integrity"], where))
+                ExportRecord(**m["export"]), Integrity.from_dict(m["integrity"], where),
+                genai_config=m.get("genai_config"))
         except (KeyError, TypeError, AttributeError) as e:
             raise LLMExportError(f"{where} lacks or garbles field {e}; re-export the bundle") from None
 

@@ -20,12 +20,23 @@ LOGITS = "logits"
 # no device-to-host copy sits in the graph (onnxruntime-genai derives it from a shape likewise).
 TOTAL_SEQ_LEN = "total_seq_len"
 GQA_TOTAL_SEQ_LEN_INPUT = 6  # the input of GroupQueryAttention (total_sequence_length) it feeds
+# int64 (batch, total_length), genai.onnx only (onnxruntime-genai's decoder contract): 1 for
+# every token a sequence holds after this step, 0 for right padding. The graph derives seq_lens
+# (its row sums), GroupQueryAttention's total_sequence_length (its width, a shape: no copy to
+# the host) and the positions whose logits it returns (each row's last real token).
+ATTENTION_MASK = "attention_mask"
 
 BATCH = "batch"
 SEQUENCE = "sequence"
 PICKED = "picked"  # the positions of a prefill step whose logits are returned
+TOTAL_LENGTH = "total_sequence_length"  # genai.onnx: the attention mask's width
+MAX_LENGTH = "max_length"  # genai.onnx: cache slots, onnxruntime-genai's search.max_length (<= max_seq_len)
 
 PREFILL, DECODE = "prefill", "decode"
+# `ort` bundles' third graph: onnxruntime-genai's decoder contract (one graph for both phases),
+# reading the same weights.bin, with the genai_config.json that its runtime opens.
+GENAI = "genai"
+GENAI_CONFIG = "genai_config.json"
 WEIGHTS_FILE = "weights.bin"
 TRANSPOSED = ".T"  # suffix of weights.bin tensors stored transposed ([in, out]) for MatMul
 ROPE_COS, ROPE_SIN = "rope_cos", "rope_sin"  # (max_seq_len, head_dim / 2) in the model dtype

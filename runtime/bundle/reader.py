@@ -65,10 +65,10 @@ class Bundle:
         integrity.check_digests(self.manifest.integrity, self.file, str(self.path), workers)
 
     def named_files(self) -> list[str]:
-        """Every file the manifest refers to (graphs, weights, tokenizer, chat, generation, engines)."""
+        """Every file the manifest refers to (graphs, weights, tokenizer, chat, generation, genai config, engines)."""
         m = self.manifest
         names = [g.file for g in m.graphs.values()] + [m.weights.file, m.tokenizer]
-        names += [*m.chat.to_dict().values(), m.generation.file, *(e.file for e in m.engines.values())]
+        names += [*m.chat.to_dict().values(), m.generation.file, m.genai_config, *(e.file for e in m.engines.values())]
         return [n for n in names if n]
 
     @property

@@ -46,15 +46,15 @@ def _manifest(bundle) -> dict:
 
 def test_every_file_is_recorded_with_its_sha256(copy):
     record = _manifest(copy)["integrity"]
-    assert set(record["files"]) == {"prefill.onnx", "decode.onnx", "weights.bin", "tokenizer.json",
-                                    "generation_config.json"}
+    assert set(record["files"]) == {"prefill.onnx", "decode.onnx", "genai.onnx", "genai_config.json", "weights.bin",
+                                    "tokenizer.json", "generation_config.json"}
     for name, entry in record["files"].items():
         data = (copy / name).read_bytes()
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}  # sha256sum's digest
     Bundle.open(copy, check_integrity=True)
 
 
-@pytest.mark.parametrize("name", ["prefill.onnx", "decode.onnx", "weights.bin", "tokenizer.json",
+@pytest.mark.parametrize("name", ["prefill.onnx", "decode.onnx", "genai.onnx", "weights.bin", "tokenizer.json",
                                   "generation_config.json"])
 def test_a_flipped_byte_is_reported_by_file_name(copy, name):
     _flip(copy / name, (copy / name).stat().st_size // 2)
@@ -97,7 +97,7 @@ def test_an_edited_manifest_is_detected(copy):
 
 def test_verify_integrity_reports_time_without_running_graphs(copy):
     result = run_cli("verify", "--bundle", str(copy), "--integrity")
-    assert result.returncode == 0 and "5 files" in result.stdout and "every sha256 matches" in result.stdout
+    assert result.returncode == 0 and "7 files" in result.stdout and "every sha256 matches" in result.stdout
 
 
 # -- manifest numbers -----------------------------------------------------------------------
