@@ -175,6 +175,12 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the background thread (start()) is running; a server's health check asks."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def wait(self, ready: Callable[[], object]) -> None:
         """Return once `ready()` is true. Without a background thread the caller's thread runs
         engine iterations meanwhile (one thread at a time; the others wait for its events)."""

@@ -107,10 +107,13 @@ class RequestLog:
                   file=sys.stderr, flush=True)
 
 
-def create_app(session: Session, model_name: str | None = None) -> FastAPI:
+def create_app(session: Session, model_name: str | None = None, labels: dict[str, str] | None = None) -> FastAPI:
+    """The app on `session`'s engine: `llmexport serve` runs it under uvicorn, and each Ray Serve
+    replica (runtime/serve/ray_app.py) builds it over its own session, `labels` ({"replica": id})
+    then marking its /metrics samples."""
     engine = session.engine
     name = model_name or session.bundle.manifest["model"]["name"]
-    metrics = Metrics(engine)
+    metrics = Metrics(engine, labels)
     token_text = out.TokenText(session.tokenizer)
 
     @asynccontextmanager

@@ -30,11 +30,21 @@ class Histogram:
                       f"{name}_count {self.count}"]
 
 
-class Metrics:
-    """Listens to the engine's token and finish notices; `render()` is the /metrics page."""
+def _labelled(line: str, labels: str) -> str:
+    """A sample line with `labels` (already formatted: 'k="v",...') added to its own."""
+    name, value = line.rsplit(" ", 1)
+    if name.endswith("}"):
+        return f"{name[:-1]},{labels}}} {value}"
+    return f"{name}{{{labels}}} {value}"
 
-    def __init__(self, engine: Engine):
+
+class Metrics:
+    """Listens to the engine's token and finish notices; `render()` is the /metrics page.
+    `labels` go on every sample (a Ray Serve replica sets {"replica": its id})."""
+
+    def __init__(self, engine: Engine, labels: dict[str, str] | None = None):
         self.engine = engine
+        self.labels = ",".join(f'{k}="{v}"' for k, v in (labels or {}).items())
         self._lock = threading.Lock()
         self.ttft, self.itl = Histogram(TTFT_BUCKETS), Histogram(ITL_BUCKETS)
         self.finished: Counter[str] = Counter()
@@ -98,4 +108,6 @@ class Metrics:
                 "# TYPE llmexport_inter_token_latency_seconds histogram",
                 *self.itl.lines("llmexport_inter_token_latency_seconds"),
             ]
+        if self.labels:
+            lines = [line if line.startswith("#") else _labelled(line, self.labels) for line in lines]
         return "\n".join(lines) + "\n"
