@@ -5,6 +5,7 @@ and a right-padded batch, equal llmexport's Session's, float32 and int4, on ever
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -103,8 +104,6 @@ def test_genai_graph_reads_the_same_weights_bin_and_is_small(bundle_factory):
 
 
 def test_the_genai_files_are_named_and_hashed_by_the_manifest(bundle_factory, tmp_path):
-    import shutil
-
     bundle_dir, _ = bundle_factory("llama3", "ort")
     bundle = Bundle.open(bundle_dir)
     assert {"genai.onnx", io.GENAI_CONFIG} <= set(bundle.named_files()) <= set(bundle.manifest.integrity.files)
@@ -128,6 +127,18 @@ def test_verify_checks_the_genai_graph(bundle_factory):
     report = verify_bundle(bundle_dir, prompts=4, decode_steps=12)
     assert report.ok, report.rows
     assert {"logits (genai prefill)", "logits (genai decode)"} <= {r.output for r in report.rows}
+
+
+def test_verify_fails_on_a_wrong_genai_graph(bundle_factory, tmp_path):
+    copy = shutil.copytree(bundle_factory("llama3", "ort")[0], tmp_path / "copy")
+    graph = onnx.load(copy / "genai.onnx", load_external_data=False)
+    for node in graph.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            next(a for a in node.attribute if a.name == "scale").f = 1.0  # wrong softmax scale, same file size
+    onnx.save(graph, copy / "genai.onnx")
+    ok = {r.output: r.ok for r in verify_bundle(copy, prompts=4, decode_steps=4).rows}
+    assert ok["logits (prefill)"] and ok["logits (decode)"]
+    assert not ok["logits (genai prefill)"] and not ok["logits (genai decode)"]
 
 
 def test_the_genai_graph_takes_a_cache_shorter_than_max_seq_len(bundle_factory):
