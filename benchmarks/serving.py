@@ -58,6 +58,8 @@ class ServeBenchConfig:
     prefill_chunk: int = defaults.PREFILL_CHUNK
     prefill_stall: float = defaults.PREFILL_STALL
     command: str = ""
+    # `llmexport serve --ray` too, once per replica count, the same threads split among the replicas
+    ray_replicas: tuple[int, ...] = ()
 
 
 def workload(config: ServeBenchConfig, vocab: int) -> list[list[int]]:
@@ -73,18 +75,21 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """`llmexport serve` in a child process, up and answering /health, stopped with SIGTERM."""
+    """`llmexport serve` in a child process, up and answering /health, stopped with SIGTERM.
+    ray_replicas: `llmexport serve --ray` with that many replicas of threads / ray_replicas CPUs each."""
 
     def __init__(self, bundle: str, threads: int, prefill_chunk: int = defaults.PREFILL_CHUNK,
-                 prefill_stall: float = defaults.PREFILL_STALL):
+                 prefill_stall: float = defaults.PREFILL_STALL, ray_replicas: int | None = None):
         import httpx
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile("w+")
+        where = (["--threads", str(threads)] if ray_replicas is None else
+                 ["--ray", "--replicas", str(ray_replicas), "--replica-cpus", f"{threads / ray_replicas:g}"])
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from llmexport.cli import main; main()", "serve", "--bundle", bundle,
-             "--port", str(self.port), "--threads", str(threads), "--max-queue", "100000",
+             "--port", str(self.port), *where, "--max-queue", "100000",
              "--prefill-chunk", str(prefill_chunk), "--prefill-stall", str(prefill_stall)],
             # its log (a line per request) goes to a file: a pipe nobody reads would fill and block it
             stdout=subprocess.DEVNULL, stderr=self.log, text=True)
@@ -213,17 +218,19 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
     if longest > bundle.max_seq_len + 1:
         raise LLMExportError(f"prompts up to {config.prompt_tokens[1]} tokens plus {config.max_tokens} new ones "
                              f"exceed the bundle's max_seq_len={bundle.max_seq_len}; lower them or re-export")
-    progress(f"starting llmexport serve on {config.bundle} ({config.threads} threads)")
-    server = ServerProcess(config.bundle, config.threads, config.prefill_chunk, config.prefill_stall)
     runs = []
-    try:
-        run_clients(server, prompts[:2], config.max_tokens, 2)  # warm-up: sessions, bindings, first shapes
-        for clients in config.clients:
-            progress(f"{clients} client(s): {config.requests} requests")
-            runs.append(run_clients(server, prompts, config.max_tokens, clients))
-    finally:
-        server.stop()
-    sequential = next((r for r in runs if r["clients"] == 1), None)
+    for replicas in (None, *config.ray_replicas):
+        label = "serve" if replicas is None else f"ray x{replicas}"
+        progress(f"starting llmexport {label} on {config.bundle} ({config.threads} threads)")
+        server = ServerProcess(config.bundle, config.threads, config.prefill_chunk, config.prefill_stall, replicas)
+        try:
+            run_clients(server, prompts[:2], config.max_tokens, 2)  # warm-up: sessions, bindings, first shapes
+            for clients in config.clients:
+                progress(f"{label}, {clients} client(s): {config.requests} requests")
+                runs.append({"server": label, **run_clients(server, prompts, config.max_tokens, clients)})
+        finally:
+            server.stop()
+    sequential = next((r for r in runs if r["clients"] == 1 and r["server"] == "serve"), None)
     for r in runs:
         r["speedup_vs_sequential"] = r["tokens_per_s"] / sequential["tokens_per_s"] if sequential else None
     progress(f"host work per decode step, batch {config.host_batch}")
@@ -241,13 +248,14 @@ def markdown(result: dict) -> str:
         f"prefill chunk {cfg['prefill_chunk']}, prefill stall {cfg.get('prefill_stall', '-')}, "
         f"{result['hardware']['cpus']} cpus; {cfg['requests']} requests, prompts of {cfg['prompt_tokens'][0]}-"
         f"{cfg['prompt_tokens'][1]} tokens, {cfg['max_tokens']} new tokens each, greedy, streaming", "",
-        "| clients | tokens/s | vs one after another | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms "
+        "| server | clients | tokens/s | vs one after another | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms "
         "| inter-token p99 ms | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         speedup = f"{r['speedup_vs_sequential']:.2f}x" if r["speedup_vs_sequential"] else ""
-        lines.append(f"| {r['clients']} | {r['tokens_per_s']:.1f} | {speedup} | {1000 * r['ttft_s']['p50']:.0f} | "
+        lines.append(f"| {r.get('server', 'serve')} | {r['clients']} | {r['tokens_per_s']:.1f} | {speedup} | "
+                     f"{1000 * r['ttft_s']['p50']:.0f} | "
                      f"{1000 * r['ttft_s']['p99']:.0f} | {1000 * r['itl_s']['p50']:.1f} | "
                      f"{1000 * r['itl_s']['p99']:.1f} | {r['wall_s']:.1f} |")
     lines += ["", f"Host work per decode-only engine iteration (batch {result['host_work'][0]['batch']}, vocabulary "
@@ -271,7 +279,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = result["runs"]
+    runs = [r for r in result["runs"] if r.get("server", "serve") == "serve"]  # the table has the Ray rows
     clients = [r["clients"] for r in runs]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(clients, [r["tokens_per_s"] for r in runs], "o-", label="llmexport serve")

@@ -514,6 +514,8 @@ def bench_serve(
     prefill_chunk: int = typer.Option(defaults.PREFILL_CHUNK, min=1, help="The server's --prefill-chunk."),
     prefill_stall: float = typer.Option(defaults.PREFILL_STALL, min=0.01, help="The server's --prefill-stall."),
     host_batch: int = typer.Option(16, min=1, help="Batch for the host-work-per-decode-step table."),
+    ray_replicas: str = typer.Option("", help="Also `llmexport serve --ray` with each of these replica counts "
+                                              "(e.g. 1,2), the threads split among the replicas."),
     seed: int = typer.Option(0, min=0),
     out: Path = typer.Option(BENCH_OUT, help=BENCH_OUT_HELP),
     name: Optional[str] = typer.Option(None, help="Report file name: NAME.json, .md and .png (default: "
@@ -533,7 +535,7 @@ def bench_serve(
     config = ServeBenchConfig(bundle=str(bundle), clients=_ints(clients), requests=requests,
                               prompt_tokens=(low_high[0], low_high[1]), max_tokens=max_tokens, threads=threads,
                               seed=seed, host_batch=host_batch, prefill_chunk=prefill_chunk,
-                              prefill_stall=prefill_stall,
+                              prefill_stall=prefill_stall, ray_replicas=_ints(ray_replicas) if ray_replicas else (),
                               command="llmexport " + " ".join(sys.argv[1:]))
     _run_report(run_serve_benchmark, config, write, markdown, out, name)
 
@@ -631,14 +633,52 @@ def serve(
     shutdown_timeout: float = typer.Option(30.0, min=0, help="On SIGTERM, seconds in-flight requests get to finish."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime or torch."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: all cores; with --ray: the "
+                                                           "replica's --replica-cpus)."),
+    ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve replicas, each an engine over the bundle "
+                                                  "(pip install -e '.[ray]')."),
+    replicas: Optional[int] = typer.Option(None, min=1, help="With --ray: this many replicas (default 1)."),
+    min_replicas: Optional[int] = typer.Option(None, min=0, help="With --ray: autoscale from this many replicas..."),
+    max_replicas: Optional[int] = typer.Option(None, min=1, help="...to this many, on ongoing requests per replica."),
+    replica_cpus: float = typer.Option(1.0, min=0.01, help="With --ray: CPUs Ray gives each replica (its threads)."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: join this Ray cluster ('auto' or HOST:PORT) "
+                                                         "instead of starting a local Ray instance."),
+    emit_kuberay: Optional[Path] = typer.Option(None, help="With --ray: write a KubeRay RayService manifest for "
+                                                           "this bundle to this file and exit."),
 ) -> None:
     """Serve a bundle over OpenAI-compatible HTTP.
 
     /v1/completions, /v1/chat/completions (stream: SSE), /v1/models, /health, /metrics
-    (Prometheus). Needs FastAPI and uvicorn: pip install -e '.[serve]' in the checkout."""
+    (Prometheus). Needs FastAPI and uvicorn: pip install -e '.[serve]' in the checkout.
+    --ray serves the same app on Ray Serve replicas (pip install -e '.[ray]')."""
     from llmexport.runtime.serve import serve as run
 
+    ray_flags = {"--replicas": replicas, "--min-replicas": min_replicas, "--max-replicas": max_replicas,
+                 "--ray-address": ray_address, "--emit-kuberay": emit_kuberay}
+    if not ray and any(v is not None for v in ray_flags.values()):
+        used = ", ".join(k for k, v in ray_flags.items() if v is not None)
+        raise LLMExportError(f"{used} work with --ray: add --ray, or leave them out to serve in this process")
+    session = dict(backend=backend, device=device, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                   prefill_stall=prefill_stall, prompt_reuse=prompt_reuse, speculative=speculative,
+                   speculative_tokens=speculative_tokens, draft=str(draft) if draft else None)
+    if ray and emit_kuberay is not None:
+        from llmexport.runtime.serve.kuberay import write_rayservice
+
+        write_rayservice(emit_kuberay, str(bundle), port=port, replicas=replicas, min_replicas=min_replicas,
+                         max_replicas=max_replicas, replica_cpus=replica_cpus, model_name=model_name, session=session)
+        print(f"RayService manifest written to {emit_kuberay} (untested on a Kubernetes cluster)")
+        return
+    if ray:
+        from llmexport.runtime.serve import serve_on_ray
+
+        if threads is not None:
+            raise LLMExportError("--threads is set per replica by --replica-cpus under --ray; leave --threads out")
+        print(f"starting Ray Serve replicas of {bundle} ...", file=sys.stderr, flush=True)
+        serve_on_ray(str(bundle), host, port, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                     replica_cpus=replica_cpus, ray_address=ray_address, model_name=model_name,
+                     ready=lambda url: print(f"serving {bundle} on {url} with Ray Serve (Ctrl-C or SIGTERM stops)",
+                                             file=sys.stderr, flush=True), **session)
+        return
     print(f"serving {bundle} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr, flush=True)
     run(str(bundle), host, port, backend=backend, device=device, threads=threads, max_queue=max_queue,
         prefill_chunk=prefill_chunk, prefill_stall=prefill_stall, prompt_reuse=prompt_reuse, speculative=speculative,

@@ -41,3 +41,28 @@ def serve(bundle_dir: str, host: str = "127.0.0.1", port: int = defaults.SERVE_P
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+RAY_HINT = "llmexport serve --ray needs Ray Serve: pip install 'llmexport[ray]'"
+
+
+def serve_on_ray(bundle_dir: str, host: str = "127.0.0.1", port: int = defaults.SERVE_PORT, *,
+                 replicas: int | None = None, min_replicas: int | None = None, max_replicas: int | None = None,
+                 replica_cpus: float = 1.0, ray_address: str | None = None, model_name: str | None = None,
+                 ready=None, **session) -> None:
+    """`llmexport serve --ray`: the same app on Ray Serve replicas (runtime/serve/ray_app.py).
+    The bundle's files are checked against their sha256 here first when this machine can read
+    it (each replica checks again where it starts); `session`: Session keyword arguments."""
+    from ..bundle import Bundle
+    from .ray_config import RayConfig
+
+    config = RayConfig(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                       replica_cpus=replica_cpus, model_name=model_name, session=session)
+    Bundle.open(bundle_dir, check_integrity=True).release()  # a damaged bundle: one line now, not a failed deploy
+    try:
+        import fastapi  # noqa: F401
+
+        from .ray_app import serve_ray
+    except ImportError as e:
+        raise LLMExportError(RAY_HINT if "ray" in str(e) else INSTALL_HINT) from None
+    serve_ray(bundle_dir, config, host, port, ray_address, ready)
