@@ -151,9 +151,10 @@ def verify_bundle(bundle_dir, prompts: int = 8, decode_steps: int = 16, seed: in
                             prepack=False) as onnx_side, \
             TorchBackend(bundle, "cpu", "float32", cache_rows=rows_per_step, threads=threads,
                          cache_len=longest + decode_steps, source=source) as reference:
-        # `ort` bundles' genai.onnx, fed the same tokens as onnxruntime-genai feeds them (an attention mask)
+        # `ort` bundles' genai.onnx, fed the same tokens as onnxruntime-genai feeds them (an attention
+        # mask); on the CPU only: its caches are host arrays (and the CPU runs no bfloat16)
         genai = (GenaiGraph(bundle, rows_per_step, min(longest + decode_steps, bundle.max_seq_len), threads)
-                 if io.GENAI in bundle.manifest.graphs else None)
+                 if io.GENAI in bundle.manifest.graphs and device == "cpu" else None)
         for start in range(0, prompts, rows_per_step):
             batch = min(rows_per_step, prompts - start)
             lengths = rng.integers(1, longest + 1, batch)
