@@ -36,6 +36,10 @@ def ours_greedy(bundle_dir, prompts: list[list[int]], new_tokens: int) -> list[l
 
 
 def same_until_eos(genai: list[int], ours: list[int], eos) -> bool:
-    """genai pads a row after its EOS until the batch is done; ours stops there."""
-    cut = next((i + 1 for i, t in enumerate(genai) if t in eos), len(genai))
-    return genai[:cut] == ours
+    """The same tokens up to the first EOS (either stopping without the other is a difference).
+    ours ends with the EOS it stops on; genai drops it when a lone sequence ends, and pads a row
+    of a batch after it until every row is done."""
+    def cut(tokens: list[int]) -> list[int]:
+        return tokens[:next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
+
+    return cut(genai) == cut(ours)
