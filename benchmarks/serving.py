@@ -9,6 +9,11 @@ wall time of the whole workload, and client-side time to first token and inter-t
 (p50, p99). One client is the workload served one request after another: every other row is
 compared with it.
 
+With `ray_replicas` (`--ray-replicas 1,2`) the same runs go to `llmexport serve --ray` with each
+replica count, the same CPUs split among the replicas; at one replica the workload is also sent
+to plain serve and to Ray alternately, one request at a time, so that Ray's own cost (its HTTP
+proxy, the hop to the replica) is measured under the same load on a shared machine.
+
 Host work: the same bundle in this process, one Session, a batch of decoding requests with
 each sampling setting; the engine's own clock splits each decode-only iteration into the time
 inside the compute library and everything else (binding, sampling, stopping, streaming).
@@ -175,6 +180,27 @@ def run_clients(server: ServerProcess, prompts: list[list[int]], max_tokens: int
             "itl_s": {"p50": float(np.percentile(itl, 50)), "p99": float(np.percentile(itl, 99))}}
 
 
+def run_paired(plain: ServerProcess, ray: ServerProcess, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Each prompt to plain serve, then to Ray x1 (one request in flight at a time; the idle server
+    waits), so both see the same load on a shared machine: TTFT and inter-token p50 of each, and
+    Ray's over plain's (its HTTP proxy and the hop to the replica)."""
+    import httpx
+
+    got = {"serve": [], "ray x1": []}
+    with httpx.Client() as client:
+        for i, prompt in enumerate(prompts):
+            order = [("serve", plain), ("ray x1", ray)] if i % 2 == 0 else [("ray x1", ray), ("serve", plain)]
+            for label, server in order:
+                got[label].append(_stream(client, server.url, server.model, prompt, max_tokens))
+    out = {}
+    for label, done in got.items():
+        out[label] = {"ttft_p50_s": float(np.percentile([d["ttft_s"] for d in done], 50)),
+                      "itl_p50_s": float(np.percentile([g for d in done for g in d["itl_s"]], 50)),
+                      "requests": len(done)}
+    out["ratio"] = {k: out["ray x1"][k] / out["serve"][k] for k in ("ttft_p50_s", "itl_p50_s")}
+    return out
+
+
 def host_work(bundle: str, threads: int, batch: int, prompt_len: int = 32, new_tokens: int = 33) -> list[dict]:
     """Per decode-only iteration of `batch` requests: wall ms, ms inside the compute library, and
     the rest (host work), for each sampling setting."""
@@ -218,18 +244,29 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
     if longest > bundle.max_seq_len + 1:
         raise LLMExportError(f"prompts up to {config.prompt_tokens[1]} tokens plus {config.max_tokens} new ones "
                              f"exceed the bundle's max_seq_len={bundle.max_seq_len}; lower them or re-export")
-    runs = []
-    for replicas in (None, *config.ray_replicas):
-        label = "serve" if replicas is None else f"ray x{replicas}"
-        progress(f"starting llmexport {label} on {config.bundle} ({config.threads} threads)")
-        server = ServerProcess(config.bundle, config.threads, config.prefill_chunk, config.prefill_stall, replicas)
-        try:
-            run_clients(server, prompts[:2], config.max_tokens, 2)  # warm-up: sessions, bindings, first shapes
-            for clients in config.clients:
-                progress(f"{label}, {clients} client(s): {config.requests} requests")
-                runs.append({"server": label, **run_clients(server, prompts, config.max_tokens, clients)})
-        finally:
-            server.stop()
+    runs, paired = [], None
+    progress(f"starting llmexport serve on {config.bundle} ({config.threads} threads)")
+    plain = ServerProcess(config.bundle, config.threads, config.prefill_chunk, config.prefill_stall)
+    try:
+        for replicas in (None, *config.ray_replicas):
+            label = "serve" if replicas is None else f"ray x{replicas}"
+            if replicas is not None:
+                progress(f"starting llmexport serve --ray, {replicas} replica(s)")
+            server = plain if replicas is None else ServerProcess(config.bundle, config.threads,
+                                                                  config.prefill_chunk, config.prefill_stall, replicas)
+            try:
+                run_clients(server, prompts[:2], config.max_tokens, 2)  # warm-up: sessions, bindings, first shapes
+                if replicas == 1:  # Ray's own cost: the same requests alternately to both, under the same load
+                    progress("plain serve and Ray x1 alternately, one request at a time")
+                    paired = run_paired(plain, server, prompts, config.max_tokens)
+                for clients in config.clients:
+                    progress(f"{label}, {clients} client(s): {config.requests} requests")
+                    runs.append({"server": label, **run_clients(server, prompts, config.max_tokens, clients)})
+            finally:
+                if server is not plain:
+                    server.stop()
+    finally:
+        plain.stop()
     sequential = next((r for r in runs if r["clients"] == 1 and r["server"] == "serve"), None)
     for r in runs:
         r["speedup_vs_sequential"] = r["tokens_per_s"] / sequential["tokens_per_s"] if sequential else None
@@ -237,7 +274,7 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
     host = host_work(config.bundle, config.threads, config.host_batch)
     return {"command": config.command, "config": asdict(config), "hardware": _hardware("cpu"),
             "versions": _versions(), "model": bundle.manifest["model"]["name"], "dtype": bundle.dtype,
-            "max_batch": bundle.max_batch, "runs": runs, "host_work": host}
+            "max_batch": bundle.max_batch, "runs": runs, "paired": paired, "host_work": host}
 
 
 def markdown(result: dict) -> str:
@@ -258,6 +295,15 @@ def markdown(result: dict) -> str:
                      f"{1000 * r['ttft_s']['p50']:.0f} | "
                      f"{1000 * r['ttft_s']['p99']:.0f} | {1000 * r['itl_s']['p50']:.1f} | "
                      f"{1000 * r['itl_s']['p99']:.1f} | {r['wall_s']:.1f} |")
+    paired = result.get("paired")
+    if paired:
+        lines += ["", f"Plain serve and Ray x1 (the same {cfg['threads']} CPUs) alternately, one request at a time "
+                  f"({paired['serve']['requests']} each):", "",
+                  "| server | TTFT p50 ms | inter-token p50 ms |", "|---|---|---|"]
+        for label in ("serve", "ray x1"):
+            lines.append(f"| {label} | {1000 * paired[label]['ttft_p50_s']:.1f} | "
+                         f"{1000 * paired[label]['itl_p50_s']:.2f} |")
+        lines.append(f"| ray x1 / serve | {paired['ratio']['ttft_p50_s']:.3f} | {paired['ratio']['itl_p50_s']:.3f} |")
     lines += ["", f"Host work per decode-only engine iteration (batch {result['host_work'][0]['batch']}, vocabulary "
               f"{result['host_work'][0]['vocab_size']:,}; everything outside the compute library's run call):", "",
               *host_table(result["host_work"])]
