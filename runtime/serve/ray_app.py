@@ -141,6 +141,18 @@ def _cause(message: str) -> str:
     return lines[-1] if lines else message
 
 
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise LLMExportError(f"cannot reach the Ray cluster at {address} ({e}); start its head with "
+                             "`ray start --head`, or pass --ray-address auto on one of its nodes") from None
+
+
 def serve_ray(bundle_dir: str, config: RayConfig, host: str = "127.0.0.1", port: int = defaults.SERVE_PORT,
               ray_address: str | None = None, ready=None) -> None:
     """Serve until SIGINT/SIGTERM. Without `ray_address` a local Ray instance is started (and
@@ -149,6 +161,8 @@ def serve_ray(bundle_dir: str, config: RayConfig, host: str = "127.0.0.1", port:
     import ray
 
     started = ray_address is None
+    if ray_address and ":" in ray_address and "://" not in ray_address:
+        _reachable(ray_address)  # Ray itself retries an unreachable GCS for minutes
     if started:  # Ray's proxy and workers inherit this process's environment
         os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     try:

@@ -5,6 +5,8 @@ with the bundle. No Kubernetes here: untested on a cluster."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from tests.conftest import run_cli
@@ -102,13 +104,16 @@ def test_the_builder_the_manifest_names_builds_the_application(bundle_factory):
     assert deployment.ray_actor_options["num_cpus"] == 2
 
 
-def test_ray_flags_without_ray_and_conflicting_scales_are_one_line_errors(bundle_factory, tmp_path):
+def test_ray_flags_without_ray_conflicting_scales_and_an_unreachable_cluster_are_one_line_errors(bundle_factory, tmp_path):
     bundle_dir, _ = bundle_factory("llama3", "ort")
     done = run_cli("serve", "--bundle", str(bundle_dir), "--replicas", "2")
     assert done.returncode == 1 and "--replicas work with --ray" in done.stderr
     done = run_cli("serve", "--bundle", str(bundle_dir), "--ray", "--emit-kuberay", str(tmp_path / "x.yaml"),
                    "--replicas", "2", "--min-replicas", "1", "--max-replicas", "2")
     assert done.returncode == 1 and "give one or the other" in done.stderr
+    if importlib.util.find_spec("ray") is not None:  # an address nothing listens on: at once, not Ray's retries
+        done = run_cli("serve", "--bundle", str(bundle_dir), "--ray", "--ray-address", "127.0.0.1:1", timeout=60)
+        assert done.returncode == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in done.stderr
 
 
 def test_serve_ray_on_a_damaged_bundle_is_a_one_line_error_before_ray_starts(bundle_factory, tmp_path):

@@ -23,7 +23,7 @@ serve = pytest.importorskip("ray.serve", reason="the ray extra is not installed 
 from llmexport import LLMExportError  # noqa: E402
 from llmexport.runtime.serve import ray_app  # noqa: E402
 from tests.conftest import write_hf_checkpoint, write_tokenizer  # noqa: E402
-from tests.runtime.test_serve import TEMPLATE, Server, _free_port, _words  # noqa: E402
+from tests.runtime.test_serve import TEMPLATE, Server, _free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
