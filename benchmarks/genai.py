@@ -37,7 +37,9 @@ def stats(samples):
 
 def generator(batch, length):
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=length + s["warmup"] + s["repeats"] + 2, batch_size=batch)
+    # at most the model's context_length (a bundle's max_seq_len), which genai refuses to exceed
+    params.set_search_options(max_length=min(length + s["warmup"] + s["repeats"] + 2, s["max_length"]),
+                              batch_size=batch)
     return og.Generator(model, params)
 
 out = {"ttft": {}, "decode": {}}
@@ -71,17 +73,28 @@ def default_python() -> str | None:
 
 
 class GenaiRunner:
-    """One onnxruntime-genai precision (int4 or fp32) on the CPU, built from `checkpoint`."""
+    """One onnxruntime-genai precision (int4 or fp32) on the CPU, built from `checkpoint`; or, with
+    `bundle`, onnxruntime-genai's runtime on an llmexport `ort` bundle (its genai.onnx), so the same
+    files are timed under both runtimes."""
 
-    def __init__(self, precision: str, checkpoint: str | None, python: str | None, workdir: Path, config):
+    def __init__(self, precision: str, checkpoint: str | None, python: str | None, workdir: Path, config,
+                 bundle: Path | None = None, label: str = "", stored_bytes: int | None = None):
+        """stored_bytes: the bundle's weight bytes as its onnxruntime-cpu row counts them (the same roofline)."""
         self.precision, self.checkpoint, self.python, self.config = precision, checkpoint, python, config
-        self.name = f"onnxruntime-genai {precision} (cpu)"
-        self.out = Path(workdir) / f"genai-{precision}"
+        self.bundle, self.stored_bytes = bundle, stored_bytes
+        if bundle is not None:
+            self.name = f"onnxruntime-genai runtime on onnxruntime-cpu{' ' + label if label else ''} bundle"
+            self.out = Path(bundle)
+        else:
+            self.name = f"onnxruntime-genai {precision} (cpu)"
+            self.out = Path(workdir) / f"genai-{precision}"
 
     def check(self) -> None:
         if self.config.device != "cpu":
             raise Unavailable("measured on the CPU only")
-        if not self.checkpoint or not (Path(self.checkpoint) / "config.json").is_file():
+        if self.bundle is not None and not (self.out / "genai_config.json").is_file():
+            raise Unavailable("the bundle has no genai_config.json (only --target ort bundles carry one)")
+        if self.bundle is None and (not self.checkpoint or not (Path(self.checkpoint) / "config.json").is_file()):
             raise Unavailable("its model builder needs a checkpoint directory (--model DIR), not a preset")
         if not self.python or not shutil.which(self.python):
             raise Unavailable("onnxruntime-genai is not installed: pip install onnxruntime-genai (its builder "
@@ -97,17 +110,23 @@ class GenaiRunner:
             raise Unavailable(f"its model builder failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
 
     def weight_bytes(self) -> int:
+        if self.stored_bytes is not None:
+            return self.stored_bytes
         return sum(p.stat().st_size for p in self.out.iterdir() if p.name.startswith("model.onnx"))
 
     def measure(self, vocab: int) -> dict:
         c = self.config
         settings = {"path": str(self.out), "threads": c.threads or 0, "seed": c.seed, "vocab": vocab,
                     "prompt_lens": list(c.prompt_lens), "batches": list(c.batches), "context": c.decode_context,
-                    "warmup": c.warmup, "repeats": c.repeats}
+                    "warmup": c.warmup, "repeats": c.repeats, "max_length": self._context_length()}
         done = subprocess.run([self.python, "-c", _CHILD, json.dumps(settings)], capture_output=True, text=True)
         if done.returncode:
             raise Unavailable(f"its generator failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def _context_length(self) -> int:
+        config = json.loads((self.out / "genai_config.json").read_text())
+        return int(config["model"].get("context_length") or 2**31 - 1)
 
     def close(self) -> None:
         pass

@@ -65,7 +65,8 @@ class BenchConfig:
     workdir: str = "bench-work"
     threads: int | None = None  # CPU threads of every system measured (None: each library's default)
     quants: tuple[str, ...] = ()  # also export and measure these quantized variants (see quant_flags)
-    genai: tuple[str, ...] = ()  # onnxruntime-genai precisions to build and measure (int4, fp32)
+    genai: tuple[str, ...] = ()  # onnxruntime-genai precisions to build and measure (int4, fp32), and/or
+    # "bundle": its runtime on this benchmark's own bundles (their genai.onnx)
     genai_python: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -143,9 +144,12 @@ def _runners(config: BenchConfig, bundle: Path, quantized: dict[str, Path]) -> l
         if gpu:
             runners.append(BundleRunner(f"onnxruntime-cuda {quant}", path, "onnxruntime", "cuda",
                                         weight_bytes=stored))
-    checkpoint = None if config.bundle else config.model
-    runners += [GenaiRunner(p, checkpoint, config.genai_python or default_python(), Path(config.workdir), config)
-                for p in config.genai]
+    checkpoint, python = None if config.bundle else config.model, config.genai_python or default_python()
+    runners += [GenaiRunner(p, checkpoint, python, Path(config.workdir), config) for p in config.genai if p != "bundle"]
+    if "bundle" in config.genai:  # genai's own runtime on the very files measured above
+        runners += [GenaiRunner("bundle", None, python, Path(config.workdir), config, bundle=path, label=label,
+                                stored_bytes=stored_weight_bytes(Bundle.open(path)))
+                    for label, path in {"": bundle, **quantized}.items()]
     return runners
 
 
@@ -157,8 +161,9 @@ def _measure_genai(runner: GenaiRunner, vocab: int, progress: Progress) -> dict:
     timings = runner.measure(vocab)
     for batch, d in timings["decode"].items():
         d["tokens_per_s"] = int(batch) / d["median_s"]
+    source = "the bundle's genai.onnx" if runner.bundle is not None else "its builder's output"
     return {"backend": runner.name, "status": "ok", "weight_bytes": runner.weight_bytes(), **timings,
-            "note": "child process; onnxruntime-genai's own generator (greedy) from its builder's output"}
+            "note": f"child process; onnxruntime-genai's own generator (greedy) on {source}"}
 
 
 def _measure(runner, config: BenchConfig, vocab: int, progress: Progress) -> dict:

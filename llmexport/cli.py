@@ -475,8 +475,9 @@ def bench(
                                                             "library's own, usually every core)."),
     quant: str = typer.Option("", help="Comma-separated quantized variants to export and measure too: int8, int4, "
                                        "with optional +sym +asym +zp8 +search +head4 +head8 (e.g. int4+zp8+head4)."),
-    genai: str = typer.Option("", help="Comma-separated onnxruntime-genai precisions to build from --model (a "
-                                       "checkpoint directory) and measure beside: int4,fp32."),
+    genai: str = typer.Option("", help="Comma-separated onnxruntime-genai rows: int4,fp32 build from --model (a "
+                                       "checkpoint directory) with its builder; bundle runs its runtime on this "
+                                       "benchmark's own ort bundles (their genai.onnx)."),
     genai_python: Optional[str] = typer.Option(None, help="Python with onnxruntime-genai (default: this one)."),
 ) -> None:
     """Benchmark every backend on the same work.
@@ -498,7 +499,7 @@ def bench(
                          batches=_ints(batches), decode_context=decode_context, warmup=warmup, repeats=repeats,
                          bundle=str(bundle) if bundle else None, workdir=str(workdir), threads=threads,
                          quants=_variants(quant),
-                         genai=_names(genai, ("int4", "fp32"), "--genai"), genai_python=genai_python)
+                         genai=_names(genai, ("int4", "fp32", "bundle"), "--genai"), genai_python=genai_python)
     _run_report(run_benchmark, config, write_reports, markdown, out, name)
 
 

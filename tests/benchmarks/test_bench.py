@@ -60,8 +60,9 @@ def test_bench_smoke_run_writes_a_complete_report(tmp_path):
 @pytest.mark.slow
 def test_quantized_variants_and_onnxruntime_genai_are_measured_beside(make_hf_checkpoint, tmp_path):
     """--quant adds ONNX Runtime rows on int8/int4 bundles of the same model, each against the
-    floor of its own (smaller) weights; --genai builds onnxruntime-genai from the same checkpoint
-    and runs its generator on the same work, with the same thread count."""
+    floor of its own (smaller) weights; --genai int4 builds onnxruntime-genai from the same
+    checkpoint and --genai bundle runs its runtime on our own bundles (their genai.onnx), each
+    generator on the same work, with the same thread count."""
     from tests.conftest import write_tokenizer
 
     checkpoint = make_hf_checkpoint("llama2")
@@ -70,7 +71,7 @@ def test_quantized_variants_and_onnxruntime_genai_are_measured_beside(make_hf_ch
     out = subprocess.run(
         [sys.executable, "-c", "from llmexport.cli import main; main()", "bench", "--model", str(checkpoint),
          "--prompt-lens", "8", "--batches", "1,2", "--decode-context", "8", "--warmup", "1", "--repeats", "2",
-         "--threads", "2", "--quant", "int8,int4,int4+sym+head4", "--genai", "int4", "--out", str(tmp_path / "results"),
+         "--threads", "2", "--quant", "int8,int4,int4+sym+head4", "--genai", "int4,bundle", "--out", str(tmp_path / "results"),
          "--name", "q", "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "results" / "q.json").read_text())
@@ -80,7 +81,11 @@ def test_quantized_variants_and_onnxruntime_genai_are_measured_beside(make_hf_ch
     sizes = [ran[name]["weight_bytes"] for name in ("onnxruntime-cpu", "onnxruntime-cpu int8", "onnxruntime-cpu int4")]
     assert sizes[0] > sizes[1] > sizes[2] > ran["onnxruntime-cpu int4+sym+head4"]["weight_bytes"] > 0
     assert ran["onnxruntime-genai int4 (cpu)"]["weight_bytes"] > 0
-    for name in ("onnxruntime-cpu int4", "onnxruntime-genai int4 (cpu)"):
+    on_ours = [f"onnxruntime-genai runtime on onnxruntime-cpu{v} bundle" for v in ("", " int8", " int4")]
+    assert set(on_ours) <= set(ran), [r for r in result["results"] if r["status"] != "ok"]
+    # each row ran on its own bundle, counted as that bundle's onnxruntime-cpu row counts it
+    assert [ran[name]["weight_bytes"] for name in on_ours] == [result["weight_bytes"], *sizes[1:]]
+    for name in ("onnxruntime-cpu int4", "onnxruntime-genai int4 (cpu)", *on_ours):
         decode = ran[name]["decode"]
         assert set(decode) == {"1", "2"} and all(d["median_s"] > 0 and d["fraction_of_floor"] > 0
                                                  for d in decode.values())
