@@ -26,10 +26,10 @@ pytest.importorskip("onnxruntime_genai")
 
 FAMILIES = ["llama2", "llama3", "qwen2", "mistral"]  # mistral: a sliding window (8) shorter than the prompts
 QUANTS = {"float32": None, "int4": QuantConfig("int4")}
-# int4 on llama2 (its own LM head) and qwen2 (biases; one packed table read by the gather and the LM
-# head): the bundles other tests export too. llama3's and mistral's differences (rope scaling, the
-# window) are the float32 cases'.
-CASES = [(family, "float32") for family in FAMILIES] + [("llama2", "int4"), ("qwen2", "int4")]
+# Every family in both: int4 changes the graph's linear layers and tables (llama2: its own LM head;
+# qwen2: biases, one packed table read by the gather and the LM head), llama3 and mistral add rope
+# scaling and the window on top of them.
+CASES = [(family, quant) for quant in QUANTS for family in FAMILIES]
 PAD = 2  # the tiny checkpoints' pad_token_id (their EOS, in genai_config.json): genai right-pads batches with it
 PROMPTS = [[40, 3, 91, 17, 200, 64, 5, 6, 7, 8, 9, 10], [5, 6, 7], [11, 250, 33, 9, 1, 80, 12]]  # none ends in PAD
 NEW_TOKENS = 12
