@@ -137,19 +137,19 @@ def _runners(config: BenchConfig, bundle: Path, quantized: dict[str, Path]) -> l
         else MissingRunner("onnxruntime-cuda + CUDA graph", "needs a GPU"),
         MissingRunner("tensorrt", "TensorRT is not installed (and no TensorRT backend in this version)"),
     ]
+    variants = {"": bundle, **quantized}  # by label: "" the float bundle, then each --quant variant
+    stored = {label: stored_weight_bytes(Bundle.open(path)) for label, path in variants.items()}
     for quant, path in quantized.items():
-        stored = stored_weight_bytes(Bundle.open(path))
         runners.append(BundleRunner(f"onnxruntime-cpu {quant}", path, "onnxruntime", "cpu", threads=threads,
-                                    weight_bytes=stored))
+                                    weight_bytes=stored[quant]))
         if gpu:
             runners.append(BundleRunner(f"onnxruntime-cuda {quant}", path, "onnxruntime", "cuda",
-                                        weight_bytes=stored))
+                                        weight_bytes=stored[quant]))
     checkpoint, python = None if config.bundle else config.model, config.genai_python or default_python()
     runners += [GenaiRunner(p, checkpoint, python, Path(config.workdir), config) for p in config.genai if p != "bundle"]
     if "bundle" in config.genai:  # genai's own runtime on the very files measured above
         runners += [GenaiRunner("bundle", None, python, Path(config.workdir), config, bundle=path, label=label,
-                                stored_bytes=stored_weight_bytes(Bundle.open(path)))
-                    for label, path in {"": bundle, **quantized}.items()]
+                                stored_bytes=stored[label]) for label, path in variants.items()]
     return runners
 
 

@@ -4,6 +4,7 @@ FastAPI and uvicorn). runtime/serve/app.py is the app; this module only runs it.
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
 
 from llmexport import LLMExportError
 
@@ -35,12 +36,19 @@ def serve(bundle_dir: str, host: str = "127.0.0.1", port: int = defaults.SERVE_P
         app = create_app(session, model_name)
         # uvicorn handles SIGINT/SIGTERM while it runs (graceful shutdown), then re-raises the signal
         # into the handler it found: a no-op here, so a requested stop exits 0 instead of dying of it.
-        previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with stop_signals(lambda *_: None):
             uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+
+
+@contextmanager
+def stop_signals(handler):
+    """SIGINT and SIGTERM go to `handler` inside the block; the previous handlers come back after."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, before in previous.items():
+            signal.signal(s, before)
 
 
 RAY_HINT = "llmexport serve --ray needs Ray Serve: pip install 'llmexport[ray]'"

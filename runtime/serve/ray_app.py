@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import threading
 import time
 
@@ -25,6 +24,7 @@ from ray import serve
 from llmexport import LLMExportError
 
 from .. import defaults
+from . import stop_signals
 from .ray_config import (APP_NAME, DEPLOYMENT, HEALTH_TIMEOUT_S, PROXY_CALLBACK, PROXY_CALLBACK_ENV, RayConfig,
                          deployment_options)
 
@@ -173,15 +173,13 @@ def serve_ray(bundle_dir: str, config: RayConfig, host: str = "127.0.0.1", port:
         raise LLMExportError(f"cannot join the Ray cluster at {ray_address!r}: {e}; start one with "
                              "`ray start --head` or leave out --ray-address") from None
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        deploy(bundle_dir, config, host, port)
-        if ready is not None:
-            ready(f"http://{host}:{port}/v1")
-        stop.wait()
+        with stop_signals(lambda *_: stop.set()):
+            deploy(bundle_dir, config, host, port)
+            if ready is not None:
+                ready(f"http://{host}:{port}/v1")
+            stop.wait()
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         try:
             if started:
                 serve.shutdown()
