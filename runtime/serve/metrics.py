@@ -38,6 +38,16 @@ def _labelled(line: str, labels: str) -> str:
     return f"{name}{{{labels}}} {value}"
 
 
+def ttft_s(request: Request) -> float:
+    """Time to first token: from submission to the first sampled token (the first_token notice)."""
+    return request.token_times[0] - request.submitted_at
+
+
+def itl_s(request: Request) -> float:
+    """Inter-token latency: since the request's previous token (a token notice)."""
+    return request.token_times[-1] - request.token_times[-2]
+
+
 class Metrics:
     """Listens to the engine's token and finish notices; `render()` is the /metrics page.
     `labels` go on every sample (a Ray Serve replica sets {"replica": its id})."""
@@ -54,9 +64,9 @@ class Metrics:
     def _notice(self, kind: str, request: Request) -> None:
         with self._lock:
             if kind == "first_token":
-                self.ttft.observe(request.token_times[0] - request.submitted_at)
+                self.ttft.observe(ttft_s(request))
             elif kind == "token":
-                self.itl.observe(request.token_times[-1] - request.token_times[-2])
+                self.itl.observe(itl_s(request))
             else:
                 self.finished[request.finish_reason] += 1
 

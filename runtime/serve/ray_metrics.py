@@ -17,7 +17,7 @@ import threading
 from ray.serve import metrics as ray_metrics
 
 from ..engine import Engine, Request
-from .metrics import ITL_BUCKETS, TTFT_BUCKETS
+from .metrics import ITL_BUCKETS, TTFT_BUCKETS, itl_s, ttft_s
 
 FLUSH_S = 1.0
 
@@ -46,10 +46,10 @@ class RayMetrics:
     def _notice(self, kind: str, request: Request) -> None:
         with self._lock:
             if kind == "first_token":
-                self._ttft.append(request.token_times[0] - request.submitted_at)
+                self._ttft.append(ttft_s(request))
                 self._tokens += 1
             elif kind == "token":
-                self._itl.append(request.token_times[-1] - request.token_times[-2])
+                self._itl.append(itl_s(request))
                 self._tokens += 1
             else:
                 self._finished.append(str(request.finish_reason))
