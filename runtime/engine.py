@@ -143,8 +143,15 @@ class Engine:
         if self._thread is None:
             raise LLMExportError("asyncio clients need the engine on its background thread: call engine.start()")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def sink(event: TokenEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the caller's event loop has closed: nobody listens (the engine goes on)
+                pass
+
         request = self.submit(prompt, params, index=index, prompt_logprobs=prompt_logprobs, matcher=matcher,
-                              sink=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+                              sink=sink)
         request._queue = queue
         return request
 

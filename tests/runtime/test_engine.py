@@ -233,6 +233,35 @@ def test_asyncio_clients_get_their_alone_tokens(bundle_factory):
             time.sleep(0.01)
 
 
+def test_a_request_whose_event_loop_closed_does_not_stop_the_engine(bundle_factory):
+    """A coroutine client gone with its loop (asyncio.run returned while the engine still holds
+    its request, mid-iteration): the engine delivers to nobody and serves the next request."""
+    import asyncio
+
+    bundle_dir, _ = bundle_factory("llama3", "ort")
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    with Session(bundle_dir) as session:
+        engine = session.engine
+        want = session.generate([[5, 6, 7]], params).token_ids[0]
+        release, step = threading.Event(), engine.backend.step
+        engine.backend.step = lambda *a, **k: (release.wait(), step(*a, **k))[1]
+        engine.start()
+
+        async def leave():  # submitted, then gone before its first token (the step is held)
+            request = engine.submit_async([5, 6, 7], params)
+            await asyncio.sleep(0.2)
+            return request
+
+        gone = asyncio.run(leave())
+        release.set()
+        deadline = time.time() + 10
+        while not gone.done:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert engine.alive
+        assert asyncio.run(asyncio.wait_for(_collect(engine, [([5, 6, 7], params)]), 30)) == [want]
+
+
 async def _collect(engine, work):
     import asyncio
 
