@@ -29,6 +29,7 @@ from .. import tools as tool_markup
 from ..engine import QueueFull, Request, TokenEvent
 from ..session import Session
 from . import responses as out
+from .health import EngineHealth
 from .metrics import Metrics
 from .protocol import ChatRequest, CompletionRequest, Job, job
 
@@ -107,11 +108,13 @@ class RequestLog:
                   file=sys.stderr, flush=True)
 
 
-def create_app(session: Session, model_name: str | None = None, labels: dict[str, str] | None = None) -> FastAPI:
+def create_app(session: Session, model_name: str | None = None, labels: dict[str, str] | None = None,
+               health: EngineHealth | None = None) -> FastAPI:
     """The app on `session`'s engine: `llmexport serve` runs it under uvicorn, and each Ray Serve
     replica (runtime/serve/ray_app.py) builds it over its own session, `labels` ({"replica": id})
-    then marking its /metrics samples."""
+    then marking its /metrics samples, and `health` its own check's progress record."""
     engine = session.engine
+    health = health or EngineHealth(engine)
     name = model_name or session.bundle.manifest["model"]["name"]
     metrics = Metrics(engine, labels)
     token_text = out.TokenText(session.tokenizer)
@@ -158,7 +161,10 @@ def create_app(session: Session, model_name: str | None = None, labels: dict[str
         return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     @app.get("/health")
-    async def health():
+    async def healthy():
+        problem = health.problem()  # a dead or stalled engine: 503, so a balancer or probe stops sending work
+        if problem is not None:
+            return _error(503, f"unhealthy: {problem}; restart the server", "server_error", code="unhealthy")
         return {"status": "ok", "model": name, "running": len(engine.running), "waiting": len(engine.waiting)}
 
     @app.get("/metrics")

@@ -14,10 +14,8 @@ lifetime (start or join Ray, deploy, wait for SIGINT/SIGTERM, tear down what it 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
-import time
 
 from ray import serve
 
@@ -25,10 +23,9 @@ from llmexport import LLMExportError
 
 from .. import defaults
 from . import stop_signals
+from .health import EngineHealth
 from .ray_config import (APP_NAME, DEPLOYMENT, HEALTH_TIMEOUT_S, PROXY_CALLBACK, PROXY_CALLBACK_ENV, RayConfig,
                          deployment_options)
-
-STALL_S = 120.0  # a busy engine that has not finished an iteration for this long is hung
 
 
 @serve.deployment
@@ -49,48 +46,21 @@ class LLMReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.session = Session(bundle_dir, threads=self.threads, check_integrity=True, **self.config.session)
         self.metrics = RayMetrics(self.session.engine)
-        self._progress = (self._iterations(), time.monotonic())
+        self.health = EngineHealth(self.session.engine)
 
     def __serve_build_asgi_app__(self):
         from .app import create_app
 
         self.metrics.start()  # on the replica's event loop, where this runs
-        return create_app(self.session, self.config.model_name, labels={"replica": self.replica})
-
-    def _iterations(self) -> int:
-        stats = self.session.engine.stats
-        return stats["decode_steps"] + stats["prefill_calls"] + stats["speculative_calls"]
+        return create_app(self.session, self.config.model_name, labels={"replica": self.replica}, health=self.health)
 
     async def check_health(self) -> None:
         """Ray calls this every HEALTH_PERIOD_S; raising marks the replica unhealthy (Ray replaces
-        it). The engine thread must be alive, and a backend step possible: a busy engine must
-        have finished an iteration within STALL_S, an idle one runs a 1-token probe request."""
-        from ..sampling import SamplingParams
-
-        engine = self.session.engine
+        it): runtime/serve/health.py's check (the engine thread alive, a busy engine finishing
+        iterations, an idle one answering a 1-token probe)."""
         self.metrics.start()
         self.metrics.flush()
-        if not engine.alive:
-            raise LLMExportError("the engine thread is not running")
-        now, iterations = time.monotonic(), self._iterations()
-        if iterations != self._progress[0]:
-            self._progress = (iterations, now)
-            return
-        if engine.busy:
-            if now - self._progress[1] > STALL_S:
-                raise LLMExportError(f"the engine has not finished an iteration in {now - self._progress[1]:.0f} s")
-            return
-        probe = engine.submit_async([0], SamplingParams(max_new_tokens=1, ignore_eos=True))
-        try:
-            while True:
-                event = await asyncio.wait_for(probe.next_event(), HEALTH_TIMEOUT_S - 5)
-                if event.finish_reason == "error":
-                    raise LLMExportError(f"a probe step failed: {probe.error}")
-                if event.finish_reason:
-                    break
-        finally:
-            probe.cancel()
-        self._progress = (self._iterations(), time.monotonic())
+        await self.health.check(probe_timeout_s=HEALTH_TIMEOUT_S - 5)
 
     def __del__(self):
         session = getattr(self, "session", None)

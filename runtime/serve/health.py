@@ -1,0 +1,66 @@
+"""Whether a server's engine can still make progress: its thread is alive, and a busy engine
+finishes iterations. Plain `serve`'s /health answers 503 when it cannot (a load balancer or a
+Kubernetes probe then stops sending it work); a Ray Serve replica's check_health raises, and Ray
+replaces the replica. Only the Ray check runs a probe (a 1-token request when the engine is idle):
+/health may be polled often, and a probe costs a backend step.
+
+Progress is sampled: each check notes the engine's iteration count and when it last changed, so a
+busy engine that has finished no iteration for `stall_s` between two checks is hung."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from llmexport import LLMExportError
+
+from ..engine import Engine
+from ..sampling import SamplingParams
+
+STALL_S = 120.0  # a busy engine that has not finished an iteration for this long is hung
+
+
+class EngineHealth:
+    def __init__(self, engine: Engine, stall_s: float | None = None):
+        self.engine, self.stall_s = engine, STALL_S if stall_s is None else stall_s
+        self._progress = (self._iterations(), time.monotonic())
+
+    def _iterations(self) -> int:
+        stats = self.engine.stats
+        return stats["decode_steps"] + stats["prefill_calls"] + stats["speculative_calls"]
+
+    def problem(self) -> str | None:
+        """Why the engine cannot serve, or None: its thread has stopped, or it is busy and has
+        finished no iteration for stall_s (since an earlier check saw its count change)."""
+        if not self.engine.alive:
+            return "the engine thread is not running"
+        now, iterations = time.monotonic(), self._iterations()
+        if iterations != self._progress[0] or not self.engine.busy:
+            self._progress = (iterations, now)
+            return None
+        if now - self._progress[1] > self.stall_s:
+            return f"the engine has not finished an iteration in {now - self._progress[1]:.0f} s"
+        return None
+
+    async def check(self, probe_timeout_s: float) -> None:
+        """problem(), raised as LLMExportError; and when the engine is idle, a 1-token probe request
+        must finish within probe_timeout_s (a backend step is still possible)."""
+        problem = self.problem()
+        if problem is not None:
+            raise LLMExportError(problem)
+        if self.engine.busy:
+            return
+        probe = self.engine.submit_async([0], SamplingParams(max_new_tokens=1, ignore_eos=True))
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(probe.next_event(), probe_timeout_s)
+                except asyncio.TimeoutError:
+                    raise LLMExportError(f"a 1-token probe request did not finish in {probe_timeout_s:g} s") from None
+                if event.finish_reason == "error":
+                    raise LLMExportError(f"a probe step failed: {probe.error}")
+                if event.finish_reason:
+                    break
+        finally:
+            probe.cancel()
+        self._progress = (self._iterations(), time.monotonic())
