@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny Hugging Face checkpoints written by transformers itself (the oracle)."""
+"""Shared fixtures: tiny Hugging Face checkpoints written by transformers itself (the oracle), and
+the two real models converted from their GGUF files once per test session."""
 
 from __future__ import annotations
 
@@ -94,6 +95,30 @@ def bundle_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(tmp_path_factory):
+    """real_checkpoint(flag) -> the checkpoint `examples/convert_gguf.py --FLAG` writes (as a user
+    makes it; the downloaded GGUF cached in ~/.cache/llmexport). Converted once per session for
+    every test file that uses the model (Qwen2.5-Coder's conversion takes about a minute): treat
+    it as read-only."""
+    made: dict[str, Path] = {}
+
+    def convert(flag: str) -> Path:
+        if flag not in made:
+            out = tmp_path_factory.mktemp(f"real-{flag}") / "ckpt"
+            done = subprocess.run([sys.executable, str(ROOT / "examples" / "convert_gguf.py"), f"--{flag}",
+                                   "--cache", str(Path.home() / ".cache" / "llmexport"), "--out", str(out)],
+                                  capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, done.stderr[-3000:]
+            made[flag] = out
+        return made[flag]
+
+    return convert
 
 
 def run_cli(*args: str, input: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

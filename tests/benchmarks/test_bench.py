@@ -100,13 +100,28 @@ def test_bad_variant_names_are_clear_errors(tmp_path):
     assert result.returncode == 1 and "--quant int3: a variant is int8 or int4" in result.stderr
     result = run_cli("bench", "--model", "tiny-llama", "--quant", "int4+fast", "--out", str(tmp_path))
     assert result.returncode == 1 and "+sym, +asym, +head4, +head8" in result.stderr
-    result = run_cli("bench", "--model", "tiny-llama", "--genai", "fp32", "--genai-python", "/nonexistent/python",
-                     "--prompt-lens", "8", "--batches", "1", "--decode-context", "8", "--warmup", "0", "--repeats", "1",
-                     "--out", str(tmp_path / "r"), "--name", "s", "--workdir", str(tmp_path / "w"))
-    assert result.returncode == 0, result.stderr
-    skipped = {r["backend"]: r["reason"] for r in json.loads((tmp_path / "r" / "s.json").read_text())["results"]
-               if r["status"] == "skipped"}
-    assert "needs a checkpoint directory" in skipped["onnxruntime-genai fp32 (cpu)"]
+
+
+def test_an_onnxruntime_genai_row_that_cannot_run_says_why(tmp_path):
+    """The reasons the suite records on a skipped onnxruntime-genai row (checked before any work)."""
+    from types import SimpleNamespace
+
+    from llmexport.benchmarks.genai import GenaiRunner
+    from llmexport.benchmarks.runners import Unavailable
+
+    cpu, python = SimpleNamespace(device="cpu"), sys.executable
+    plain, genai = tmp_path / "plain", tmp_path / "genai"
+    for bundle in (plain, genai):
+        bundle.mkdir()
+    (genai / "genai_config.json").write_text("{}")
+    cases = [(GenaiRunner("fp32", "tiny-llama", python, tmp_path, cpu), "needs a checkpoint directory"),
+             (GenaiRunner("fp32", str(tmp_path), python, tmp_path, SimpleNamespace(device="cuda")), "CPU only"),
+             (GenaiRunner("fp32", None, python, tmp_path, cpu, bundle=plain), "has no genai_config.json"),
+             (GenaiRunner("bundle", None, "/nonexistent/python", tmp_path, cpu, bundle=genai),
+              "onnxruntime-genai is not installed")]
+    for runner, reason in cases:
+        with pytest.raises(Unavailable, match=reason):
+            runner.check()
 
 
 def test_report_is_named_after_what_was_measured_and_stays_inside_out(tmp_path):

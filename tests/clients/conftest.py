@@ -38,21 +38,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _convert(flag: str, out: Path) -> Path:
-    cache = Path.home() / ".cache" / "llmexport"
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "convert_gguf.py"), f"--{flag}",
-                           "--cache", str(cache), "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
-
-
-def _serve(flag: str, tmp: Path):
-    """Convert, export, start `llmexport serve`; yields a Served and stops the server (SIGTERM)."""
+def _serve(flag: str, checkpoint: Path, tmp: Path):
+    """Export, start `llmexport serve`; yields a Served and stops the server (SIGTERM)."""
     import httpx
 
     from llmexport.exporter.export import export_bundle
 
-    checkpoint = _convert(flag, tmp / "ckpt")
     bundle = export_bundle(checkpoint, tmp / "bundle", max_seq_len=MAX_SEQ_LEN, max_batch=MAX_BATCH)
     port, log = _free_port(), tmp / "serve.log"
     with open(log, "w") as stderr:
@@ -81,15 +72,15 @@ def _serve(flag: str, tmp: Path):
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
+def smollm2(real_checkpoint, tmp_path_factory):
     """SmolLM2-135M-Instruct served as "smollm2"."""
-    yield from _serve("smollm2", tmp_path_factory.mktemp("clients-smollm2"))
+    yield from _serve("smollm2", real_checkpoint("smollm2"), tmp_path_factory.mktemp("clients-smollm2"))
 
 
 @pytest.fixture(scope="session")
-def qwen_coder(tmp_path_factory):
+def qwen_coder(real_checkpoint, tmp_path_factory):
     """Qwen2.5-Coder-0.5B-Instruct served as "qwen-coder"."""
-    yield from _serve("qwen-coder", tmp_path_factory.mktemp("clients-qwen-coder"))
+    yield from _serve("qwen-coder", real_checkpoint("qwen-coder"), tmp_path_factory.mktemp("clients-qwen-coder"))
 
 
 @contextmanager

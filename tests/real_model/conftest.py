@@ -6,8 +6,6 @@ greedy tokens, for the plain prompts and the chat, and pass verify."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +17,6 @@ from llmexport.exporter.verify import verify_bundle
 from llmexport.runtime.sampling import SamplingParams
 from llmexport.runtime.session import Session
 
-ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["ort", "portable", "tensorrt"]  # tensorrt's graph runs in ONNX Runtime here (its local functions)
 
 
@@ -80,13 +77,8 @@ class RealModelChecks:
 
 
 @pytest.fixture(scope="class")
-def checkpoint(request, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp(request.cls.flag) / "ckpt"
-    cache = Path.home() / ".cache" / "llmexport"
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "convert_gguf.py"), f"--{request.cls.flag}",
-                           "--cache", str(cache), "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def checkpoint(request, real_checkpoint) -> Path:
+    return real_checkpoint(request.cls.flag)
 
 
 @pytest.fixture(scope="class")

@@ -178,13 +178,15 @@ def test_sixteen_concurrent_greedy_requests_equal_plain_serve_and_both_replicas_
         t.join(120)
     assert got == [_completion(plain.client, ids, n, stream) for ids, n, stream in work]
 
-    tokens = {}  # each replica's generated tokens, from its own /metrics samples
-    for _ in range(40):
+    # each replica's generated tokens, from its own /metrics samples. A GET goes to the replica
+    # Ray's router thinks least loaded: its cached counts are the last ones it saw, refreshed
+    # within 10 s, so one replica can get every GET for a while after the burst
+    tokens, deadline = {}, time.time() + 30
+    while len(tokens) < 2 and time.time() < deadline:
         for line in httpx.get(cluster.url + "/metrics").text.splitlines():
             if line.startswith("llmexport_generated_tokens_total{"):
                 tokens[line.split('replica="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-        if len(tokens) == 2:
-            break
+        time.sleep(0.2)
     assert len(tokens) == 2 and min(tokens.values()) > 0, tokens
 
     exported = {}  # every replica at once: Ray's Prometheus export (each replica records every second)
