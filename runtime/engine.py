@@ -113,12 +113,13 @@ class Engine:
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, *, index: int = 0,
                sink: Callable[[TokenEvent], None] | None = None, score: bool = False,
-               prompt_logprobs: bool = False, matcher=None) -> Request:
+               prompt_logprobs: bool = False, matcher=None, quiet: bool = False) -> Request:
         """Queue one prompt (token ids). Events go to `sink` (called on the engine's thread, under
         its lock: keep it short) or, without one, to the request's own queue (iterate it).
         score: only score the prompt (Request.prompt_logprobs; finish reason "scored").
         prompt_logprobs: also record the prompt's log-probabilities before generating.
-        matcher: a runtime/grammar.py Matcher; each token is sampled among those it allows."""
+        matcher: a runtime/grammar.py Matcher; each token is sampled among those it allows.
+        quiet: not a client's request (a health probe): listeners (metrics) do not hear of it."""
         prompt = self.check_prompt(prompt)
         if score and len(prompt) < 2:
             raise LLMExportError("scoring needs at least 2 tokens (the first is never predicted)")
@@ -132,12 +133,13 @@ class Engine:
                                 f"{self.rows.rows} KV rows); retry later")
             request = Request(self, next(self._ids), prompt, params, eos, index, sink, score, prompt_logprobs,
                               matcher)
+            request.quiet = quiet
             self.waiting.append(request)
             self._cond.notify_all()
         return request
 
     def submit_async(self, prompt: Sequence[int], params: SamplingParams, *, index: int = 0,
-                     prompt_logprobs: bool = False, matcher=None) -> Request:
+                     prompt_logprobs: bool = False, matcher=None, quiet: bool = False) -> Request:
         """submit() from a coroutine: `async for event in request`, or `await request.next_event()`.
         The engine must iterate on its background thread (start())."""
         if self._thread is None:
@@ -151,7 +153,7 @@ class Engine:
                 pass
 
         request = self.submit(prompt, params, index=index, prompt_logprobs=prompt_logprobs, matcher=matcher,
-                              sink=sink)
+                              sink=sink, quiet=quiet)
         request._queue = queue
         return request
 
@@ -464,7 +466,7 @@ class Engine:
         text, reason = request.record(token, logprob, self.max_seq_len)
         with self._cond:
             self.stats["generated_tokens"] += 1
-            for listener in self.listeners:
+            for listener in () if request.quiet else self.listeners:
                 listener("first_token" if len(request.tokens) == 1 else "token", request)
             self._deliver(request, TokenEvent(request.index, token, text, reason, logprob))
             if reason:
@@ -478,7 +480,7 @@ class Engine:
         if request.row is not None and self.running.get(request.row) is request:
             del self.running[request.row]
             self.rows.free(request.row, keep=reason != "error")
-        for listener in self.listeners:
+        for listener in () if request.quiet else self.listeners:
             listener("finish", request)
         if event:
             self._deliver(request, TokenEvent(request.index, None, request.text.flush(), reason))

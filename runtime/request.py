@@ -73,6 +73,7 @@ class Request:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cancelled = False
+        self.quiet = False  # not a client's request (Engine.submit's quiet): listeners skip it
         self.matcher = matcher  # runtime/grammar.py Matcher: the tokens its grammar allows next
         speculation = engine.speculation
         self.lookup = (PromptLookup(speculation, prompt) if speculation is not None and speculation.method == "ngram"

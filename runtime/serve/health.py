@@ -2,7 +2,8 @@
 finishes iterations. Plain `serve`'s /health answers 503 when it cannot (a load balancer or a
 Kubernetes probe then stops sending it work); a Ray Serve replica's check_health raises, and Ray
 replaces the replica. Only the Ray check runs a probe (a 1-token request when the engine is idle):
-/health may be polled often, and a probe costs a backend step.
+/health may be polled often, and a probe costs a backend step. A probe is quiet: it does not
+show in the metrics (no request, token or time to first token of a client).
 
 Progress is sampled: each check notes the engine's iteration count and when it last changed, so a
 busy engine that has finished no iteration for `stall_s` between two checks is hung."""
@@ -50,7 +51,7 @@ class EngineHealth:
             raise LLMExportError(problem)
         if self.engine.busy:
             return
-        probe = self.engine.submit_async([0], SamplingParams(max_new_tokens=1, ignore_eos=True))
+        probe = self.engine.submit_async([0], SamplingParams(max_new_tokens=1, ignore_eos=True), quiet=True)
         try:
             while True:
                 try:

@@ -39,12 +39,15 @@ def hang(session):
     release.set()
 
 
-def test_a_working_engine_passes_and_its_probe_runs_a_step(session):
-    health = EngineHealth(session.engine)
+def test_a_working_engine_passes_and_its_quiet_probe_runs_a_step(session):
+    from llmexport.runtime.serve.metrics import Metrics
+
+    health, metrics = EngineHealth(session.engine), Metrics(session.engine)
     before = session.engine.stats["prefill_calls"]
     asyncio.run(health.check(probe_timeout_s=30))
     assert session.engine.stats["prefill_calls"] == before + 1
     assert health.problem() is None
+    assert metrics.ttft.count == 0 and not metrics.finished  # not a client's request
 
 
 def test_a_busy_engine_that_finishes_no_iteration_fails(session, hang):
