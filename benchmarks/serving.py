@@ -183,22 +183,45 @@ def run_clients(server: ServerProcess, prompts: list[list[int]], max_tokens: int
 def run_paired(plain: ServerProcess, ray: ServerProcess, prompts: list[list[int]], max_tokens: int) -> dict:
     """Each prompt to plain serve, then to Ray x1 (one request in flight at a time; the idle server
     waits), so both see the same load on a shared machine: TTFT and inter-token p50 of each, and
-    Ray's over plain's (its HTTP proxy and the hop to the replica)."""
+    Ray's over plain's (its HTTP proxy and the hop to the replica). Two figures that the noise of
+    a busy machine moves less than p50s: the median of the per-prompt TTFT differences (the two
+    requests of a prompt run back to back), and each server's time outside its engine (the
+    client's TTFT less the engine's own, submission to first token, from /metrics; means)."""
     import httpx
 
     got = {"serve": [], "ray x1": []}
+    before = {label: _engine_ttft(server) for label, server in (("serve", plain), ("ray x1", ray))}
     with httpx.Client() as client:
         for i, prompt in enumerate(prompts):
             order = [("serve", plain), ("ray x1", ray)] if i % 2 == 0 else [("ray x1", ray), ("serve", plain)]
             for label, server in order:
                 got[label].append(_stream(client, server.url, server.model, prompt, max_tokens))
     out = {}
-    for label, done in got.items():
+    for label, server in (("serve", plain), ("ray x1", ray)):
+        done, after = got[label], _engine_ttft(server)
+        engine = (after[0] - before[label][0]) / max(after[1] - before[label][1], 1)
         out[label] = {"ttft_p50_s": float(np.percentile([d["ttft_s"] for d in done], 50)),
                       "itl_p50_s": float(np.percentile([g for d in done for g in d["itl_s"]], 50)),
+                      "outside_engine_s": float(np.mean([d["ttft_s"] for d in done])) - engine,
                       "requests": len(done)}
     out["ratio"] = {k: out["ray x1"][k] / out["serve"][k] for k in ("ttft_p50_s", "itl_p50_s")}
+    out["ttft_difference_p50_s"] = float(np.median([r["ttft_s"] - p["ttft_s"]
+                                                    for r, p in zip(got["ray x1"], got["serve"])]))
     return out
+
+
+def _engine_ttft(server: ServerProcess) -> tuple[float, int]:
+    """The server's time-to-first-token histogram: (sum of seconds, count), all replicas' samples."""
+    import httpx
+
+    total, count = 0.0, 0
+    for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("llmexport_time_to_first_token_seconds_sum"):
+            total += float(value)
+        elif name.startswith("llmexport_time_to_first_token_seconds_count"):
+            count += int(float(value))
+    return total, count
 
 
 def host_work(bundle: str, threads: int, batch: int, prompt_len: int = 32, new_tokens: int = 33) -> list[dict]:
@@ -304,6 +327,12 @@ def markdown(result: dict) -> str:
             lines.append(f"| {label} | {1000 * paired[label]['ttft_p50_s']:.1f} | "
                          f"{1000 * paired[label]['itl_p50_s']:.2f} |")
         lines.append(f"| ray x1 / serve | {paired['ratio']['ttft_p50_s']:.3f} | {paired['ratio']['itl_p50_s']:.3f} |")
+        if "ttft_difference_p50_s" in paired:
+            lines += ["", f"Ray x1 less serve, per prompt (median of the {paired['serve']['requests']} differences): "
+                      f"TTFT {1000 * paired['ttft_difference_p50_s']:+.1f} ms. Time to the first token outside the "
+                      f"engine (the client's TTFT less the engine's own, means): serve "
+                      f"{1000 * paired['serve']['outside_engine_s']:.1f} ms, Ray x1 "
+                      f"{1000 * paired['ray x1']['outside_engine_s']:.1f} ms."]
     lines += ["", f"Host work per decode-only engine iteration (batch {result['host_work'][0]['batch']}, vocabulary "
               f"{result['host_work'][0]['vocab_size']:,}; everything outside the compute library's run call):", "",
               *host_table(result["host_work"])]

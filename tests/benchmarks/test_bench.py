@@ -183,6 +183,28 @@ def test_bench_serve_smoke_run_writes_a_complete_report(bundle_factory, tmp_path
     assert (tmp_path / "serve.png").stat().st_size > 0 and "| clients |" in (tmp_path / "serve.md").read_text()
 
 
+@pytest.mark.slow
+def test_bench_serve_drives_one_ray_replica_beside_plain_serve(bundle_factory, tmp_path):
+    """--ray-replicas 1: the workload on `serve --ray` too, and plain serve and Ray alternately:
+    p50s, their ratio, the per-prompt difference and each server's time outside its engine."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+    bundle, _ = bundle_factory("llama3", "ort")
+    out = subprocess.run(
+        [sys.executable, "-c", "from llmexport.cli import main; main()", "bench-serve", "--bundle", str(bundle),
+         "--clients", "1", "--requests", "4", "--prompt-tokens", "2,9", "--max-tokens", "4", "--host-batch", "2",
+         "--ray-replicas", "1", "--name", "ray", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "ray.json").read_text())
+    assert [(r["server"], r["requests"], r["tokens"]) for r in result["runs"]] == [("serve", 4, 16), ("ray x1", 4, 16)]
+    paired = result["paired"]
+    for label in ("serve", "ray x1"):
+        assert paired[label]["requests"] == 4 and paired[label]["ttft_p50_s"] > 0
+        assert 0 <= paired[label]["outside_engine_s"] < paired[label]["ttft_p50_s"] * 4
+    assert paired["ratio"]["ttft_p50_s"] == paired["ray x1"]["ttft_p50_s"] / paired["serve"]["ttft_p50_s"]
+    assert "Ray x1 less serve, per prompt" in (tmp_path / "ray.md").read_text()
+
+
 def test_the_default_prompt_lengths_fit_the_model():
     """`llmexport bench` with no options measures the tiny preset (256 positions) instead of
     failing on its own default 2,048-token prompt."""
