@@ -203,7 +203,7 @@ def run_paired(plain: ServerProcess, ray: ServerProcess, prompts: list[list[int]
         out[label] = {"ttft_p50_s": float(np.percentile([d["ttft_s"] for d in done], 50)),
                       "itl_p50_s": float(np.percentile([g for d in done for g in d["itl_s"]], 50)),
                       "outside_engine_s": float(np.mean([d["ttft_s"] for d in done])) - engine,
-                      "requests": len(done)}
+                      "requests": len(done), "ttft_s": [d["ttft_s"] for d in done]}
     out["ratio"] = {k: out["ray x1"][k] / out["serve"][k] for k in ("ttft_p50_s", "itl_p50_s")}
     out["ttft_difference_p50_s"] = float(np.median([r["ttft_s"] - p["ttft_s"]
                                                     for r, p in zip(got["ray x1"], got["serve"])]))

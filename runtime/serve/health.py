@@ -44,12 +44,14 @@ class EngineHealth:
         return None
 
     async def check(self, probe_timeout_s: float) -> None:
-        """problem(), raised as LLMExportError; and when the engine is idle, a 1-token probe request
-        must finish within probe_timeout_s (a backend step is still possible)."""
+        """problem(), raised as LLMExportError; and when the engine is idle and has finished no
+        iteration since the last check, a 1-token probe request must finish within
+        probe_timeout_s (a backend step is still possible)."""
+        seen = self._progress[0]
         problem = self.problem()
         if problem is not None:
             raise LLMExportError(problem)
-        if self.engine.busy:
+        if self.engine.busy or self._progress[0] != seen:  # working, or worked since the last check
             return
         probe = self.engine.submit_async([0], SamplingParams(max_new_tokens=1, ignore_eos=True), quiet=True)
         try:
