@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_SEQ_LEN = 1024
-MAX_BATCH = 4
+MAX_BATCH = 8  # the concurrent schema test runs this many requests at once
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 openai = pytest.importorskip("openai", reason="the openai client is not installed")
 
-from tests.clients.conftest import log_softmax  # noqa: E402
+from tests.clients.conftest import MAX_BATCH, log_softmax  # noqa: E402
 from tests.runtime.test_serve import _words, bundle  # noqa: E402,F401  (bundle: the tiny model)
 from tests.runtime.test_serve import server as tiny  # noqa: E402,F401  (the tiny model served)
 
@@ -208,7 +208,7 @@ def test_twenty_answers_to_a_nested_schema_all_validate(smollm2):
             response_format={"type": "json_schema", "json_schema": {"name": "story", "strict": True,
                                                                     "schema": STORY}}).choices[0]
 
-    with ThreadPoolExecutor(4) as pool:  # four at a time: the engine batches them
+    with ThreadPoolExecutor(MAX_BATCH) as pool:  # a full batch at a time: the engine batches them
         choices = list(pool.map(ask, range(20)))
     stories = [json.loads(c.message.content) for c in choices]
     for story in stories:
