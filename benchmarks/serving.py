@@ -211,7 +211,8 @@ def run_paired(plain: ServerProcess, ray: ServerProcess, prompts: list[list[int]
 
 
 def _engine_ttft(server: ServerProcess) -> tuple[float, int]:
-    """The server's time-to-first-token histogram: (sum of seconds, count), all replicas' samples."""
+    """The server's time-to-first-token histogram: (sum of seconds, count), summed over the samples
+    of the replica that answers (Ray x1: the only one)."""
     import httpx
 
     total, count = 0.0, 0

@@ -145,15 +145,8 @@ class Engine:
         if self._thread is None:
             raise LLMExportError("asyncio clients need the engine on its background thread: call engine.start()")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def sink(event: TokenEvent) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the caller's event loop has closed: nobody listens (the engine goes on)
-                pass
-
         request = self.submit(prompt, params, index=index, prompt_logprobs=prompt_logprobs, matcher=matcher,
-                              sink=sink, quiet=quiet)
+                              sink=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), quiet=quiet)
         request._queue = queue
         return request
 
@@ -269,8 +262,9 @@ class Engine:
             admitted = len(self.running)
             copies = self.scheduler.admit(self.waiting, self.running)
             for request in list(self.running.values())[admitted:]:
-                self.stats["prompt_tokens"] += len(request.prompt)
-                self.stats["reused_prompt_tokens"] += request.reused
+                if not request.quiet:  # a health probe is not a client's work (the metrics read these)
+                    self.stats["prompt_tokens"] += len(request.prompt)
+                    self.stats["reused_prompt_tokens"] += request.reused
             running = list(self.running.values())
         for lease in copies:
             self._copy(lease)
@@ -300,7 +294,8 @@ class Engine:
             self.stats["row_copies"] += 1
         except Exception:  # noqa: BLE001  (a backend without copies, or a failed one: recompute instead)
             self.rows.wrote(lease.row, 0, ())
-            self.stats["reused_prompt_tokens"] -= request.reused
+            if not request.quiet:
+                self.stats["reused_prompt_tokens"] -= request.reused
             request.filled = request.reused = 0
             request.state, request.pending = State.PREFILLING, None
 
@@ -465,7 +460,7 @@ class Engine:
             return
         text, reason = request.record(token, logprob, self.max_seq_len)
         with self._cond:
-            self.stats["generated_tokens"] += 1
+            self.stats["generated_tokens"] += 0 if request.quiet else 1
             for listener in () if request.quiet else self.listeners:
                 listener("first_token" if len(request.tokens) == 1 else "token", request)
             self._deliver(request, TokenEvent(request.index, token, text, reason, logprob))

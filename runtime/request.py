@@ -170,8 +170,13 @@ class Request:
         return text + self.text.flush(), reason
 
     def deliver(self, event: TokenEvent) -> None:
-        """Under the engine's lock: to the sink, else to the request's own queue."""
-        if self._sink is not None:
-            self._sink(event)
-        else:
+        """Under the engine's lock: to the sink, else to the request's own queue. A sink that fails
+        (an asyncio client whose event loop has closed) has nobody behind it: the request is
+        cancelled (the engine frees its row) and the engine thread goes on."""
+        if self._sink is None:
             self.events.append(event)
+            return
+        try:
+            self._sink(event)
+        except Exception:  # noqa: BLE001
+            self._sink, self.cancelled = None, True

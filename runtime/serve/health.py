@@ -6,7 +6,9 @@ replaces the replica. Only the Ray check runs a probe (a 1-token request when th
 show in the metrics (no request, token or time to first token of a client).
 
 Progress is sampled: each check notes the engine's iteration count and when it last changed, so a
-busy engine that has finished no iteration for `stall_s` between two checks is hung."""
+busy engine that has finished no iteration for `stall_s` between two checks is hung. Plain
+serve's /health and a Ray replica's check_health share one record (a /health call can make the
+next check_health skip its probe or run one more: harmless)."""
 
 from __future__ import annotations
 
@@ -24,23 +26,27 @@ STALL_S = 120.0  # a busy engine that has not finished an iteration for this lon
 class EngineHealth:
     def __init__(self, engine: Engine, stall_s: float | None = None):
         self.engine, self.stall_s = engine, STALL_S if stall_s is None else stall_s
-        self._progress = (self._iterations(), time.monotonic())
+        # (iteration count, when a check first saw it, whether the engine was busy then)
+        self._progress = (self._iterations(), time.monotonic(), False)
 
     def _iterations(self) -> int:
         stats = self.engine.stats
         return stats["decode_steps"] + stats["prefill_calls"] + stats["speculative_calls"]
 
     def problem(self) -> str | None:
-        """Why the engine cannot serve, or None: its thread has stopped, or it is busy and has
-        finished no iteration for stall_s (since an earlier check saw its count change)."""
+        """Why the engine cannot serve, or None: its thread has stopped, or two checks stall_s or
+        more apart both found it busy with the same iteration count (the clock starts at the first
+        busy check after progress or idleness, so rare checks cannot mistake a new request's
+        first iteration for a stall)."""
         if not self.engine.alive:
             return "the engine thread is not running"
-        now, iterations = time.monotonic(), self._iterations()
-        if iterations != self._progress[0] or not self.engine.busy:
-            self._progress = (iterations, now)
+        now, iterations, busy = time.monotonic(), self._iterations(), self.engine.busy
+        count, since, was_busy = self._progress
+        if iterations != count or not busy or not was_busy:
+            self._progress = (iterations, now, busy)
             return None
-        if now - self._progress[1] > self.stall_s:
-            return f"the engine has not finished an iteration in {now - self._progress[1]:.0f} s"
+        if now - since > self.stall_s:
+            return f"the engine has not finished an iteration in {now - since:.0f} s"
         return None
 
     async def check(self, probe_timeout_s: float) -> None:
@@ -66,4 +72,4 @@ class EngineHealth:
                     break
         finally:
             probe.cancel()
-        self._progress = (self._iterations(), time.monotonic())
+        self._progress = (self._iterations(), time.monotonic(), self.engine.busy)

@@ -200,7 +200,7 @@ def test_bench_serve_drives_one_ray_replica_beside_plain_serve(bundle_factory, t
     paired = result["paired"]
     for label in ("serve", "ray x1"):
         assert paired[label]["requests"] == 4 and paired[label]["ttft_p50_s"] > 0
-        assert 0 <= paired[label]["outside_engine_s"] < paired[label]["ttft_p50_s"] * 4
+        assert 0 <= paired[label]["outside_engine_s"] <= max(paired[label]["ttft_s"])
     assert paired["ratio"]["ttft_p50_s"] == paired["ray x1"]["ttft_p50_s"] / paired["serve"]["ttft_p50_s"]
     assert "Ray x1 less serve, per prompt" in (tmp_path / "ray.md").read_text()
 

@@ -44,17 +44,20 @@ def test_a_working_engine_passes_and_its_quiet_probe_runs_a_step(session):
 
     health, metrics = EngineHealth(session.engine), Metrics(session.engine)
     before = session.engine.stats["prefill_calls"]
+    tokens = session.engine.stats["generated_tokens"]
     asyncio.run(health.check(probe_timeout_s=30))
     assert session.engine.stats["prefill_calls"] == before + 1
     assert health.problem() is None
     assert metrics.ttft.count == 0 and not metrics.finished  # not a client's request
+    assert session.engine.stats["generated_tokens"] == tokens
 
 
 def test_a_busy_engine_that_finishes_no_iteration_fails(session, hang):
     health = EngineHealth(session.engine, stall_s=0.5)
+    time.sleep(0.7)  # idle for longer than stall_s since the last look: not a stall once work arrives
     hang()
     request = session.engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True))
-    assert health.problem() is None  # busy, but not for long yet
+    assert health.problem() is None  # busy, but only since this check
     time.sleep(0.7)
     assert health.problem().startswith("the engine has not finished an iteration in")
     with pytest.raises(LLMExportError, match="has not finished an iteration"):
