@@ -80,8 +80,8 @@ class RequestLog:
     once it ends): method, path, status, seconds, and for a generation its id, prompt tokens
     (and how many came from the cache), generated tokens, time to first token, finish reasons."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, headers: list[tuple[bytes, bytes]] = ()):
+        self.app, self.headers = app, list(headers)  # added to every response (a Ray replica's name)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -91,6 +91,8 @@ class RequestLog:
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if self.headers:
+                    message = {**message, "headers": [*message.get("headers", ()), *self.headers]}
             await send(message)
 
         try:
@@ -112,7 +114,8 @@ def create_app(session: Session, model_name: str | None = None, labels: dict[str
                health: EngineHealth | None = None) -> FastAPI:
     """The app on `session`'s engine: `llmexport serve` runs it under uvicorn, and each Ray Serve
     replica (runtime/serve/ray_app.py) builds it over its own session, `labels` ({"replica": id})
-    then marking its /metrics samples, and `health` its own check's progress record."""
+    then marking its /metrics samples (and every response: header x-llmexport-replica), and
+    `health` its own check's progress record."""
     engine = session.engine
     health = health or EngineHealth(engine)
     name = model_name or session.bundle.manifest["model"]["name"]
@@ -126,7 +129,8 @@ def create_app(session: Session, model_name: str | None = None, labels: dict[str
         engine.shutdown(cancel=True, timeout=30)  # after uvicorn's graceful wait: cancel what is left
 
     app = FastAPI(title="llmexport", lifespan=lifespan)
-    app.add_middleware(RequestLog)
+    replica = (labels or {}).get("replica")
+    app.add_middleware(RequestLog, headers=[(b"x-llmexport-replica", replica.encode())] if replica else [])
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
