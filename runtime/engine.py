@@ -132,8 +132,7 @@ class Engine:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for one of "
                                 f"{self.rows.rows} KV rows); retry later")
             request = Request(self, next(self._ids), prompt, params, eos, index, sink, score, prompt_logprobs,
-                              matcher)
-            request.quiet = quiet
+                              matcher, quiet)
             self.waiting.append(request)
             self._cond.notify_all()
         return request
@@ -460,9 +459,9 @@ class Engine:
             return
         text, reason = request.record(token, logprob, self.max_seq_len)
         with self._cond:
-            self.stats["generated_tokens"] += 0 if request.quiet else 1
-            for listener in () if request.quiet else self.listeners:
-                listener("first_token" if len(request.tokens) == 1 else "token", request)
+            if not request.quiet:
+                self.stats["generated_tokens"] += 1
+            self._notify("first_token" if len(request.tokens) == 1 else "token", request)
             self._deliver(request, TokenEvent(request.index, token, text, reason, logprob))
             if reason:
                 self._finish(request, reason, event=False)
@@ -475,11 +474,16 @@ class Engine:
         if request.row is not None and self.running.get(request.row) is request:
             del self.running[request.row]
             self.rows.free(request.row, keep=reason != "error")
-        for listener in () if request.quiet else self.listeners:
-            listener("finish", request)
+        self._notify("finish", request)
         if event:
             self._deliver(request, TokenEvent(request.index, None, request.text.flush(), reason))
         self._cond.notify_all()
+
+    def _notify(self, kind: str, request: Request) -> None:
+        """Under the lock: tell the listeners (metrics), unless the request is quiet (a health probe)."""
+        if not request.quiet:
+            for listener in self.listeners:
+                listener(kind, request)
 
     def _deliver(self, request: Request, event: TokenEvent) -> None:
         request.deliver(event)

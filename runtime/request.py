@@ -55,7 +55,7 @@ class Request:
 
     def __init__(self, engine: "Engine", ident: int, prompt: list[int], params: SamplingParams, eos: frozenset,
                  index: int, sink: Callable[[TokenEvent], None] | None, score: bool = False,
-                 prompt_logprobs: bool = False, matcher=None):
+                 prompt_logprobs: bool = False, matcher=None, quiet: bool = False):
         self.engine, self.id, self.prompt, self.params, self.index = engine, ident, prompt, params, index
         self.ids = np.asarray(prompt, dtype=np.int64)  # the prompt as an array, for prefix matching
         self.eos, self._sink, self.score = eos, sink, score
@@ -73,7 +73,7 @@ class Request:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cancelled = False
-        self.quiet = False  # not a client's request (Engine.submit's quiet): listeners skip it
+        self.quiet = quiet  # not a client's request (Engine.submit's quiet): listeners skip it
         self.matcher = matcher  # runtime/grammar.py Matcher: the tokens its grammar allows next
         speculation = engine.speculation
         self.lookup = (PromptLookup(speculation, prompt) if speculation is not None and speculation.method == "ngram"
